@@ -1,0 +1,25 @@
+"""Attach the command groups that live in their own modules (each cheap to import: click only)."""
+from __future__ import annotations
+
+import importlib
+
+# module -> attribute names of click commands to add
+_MODULES = {
+    "ftk.cmd_data": ["data"],
+    "ftk.cmd_eval": ["eval_cmd", "generate"],
+    "ftk.cmd_model": ["merge", "plan"],
+}
+
+
+def register(cli) -> None:
+    for mod_name, attrs in _MODULES.items():
+        try:
+            mod = importlib.import_module(mod_name)
+        except ModuleNotFoundError as e:
+            if e.name == mod_name:
+                continue  # not written yet
+            raise
+        for a in attrs:
+            cmd = getattr(mod, a, None)
+            if cmd is not None:
+                cli.add_command(cmd)

@@ -1,0 +1,85 @@
+"""Contracts between the core and component plugins. Pure Python: no torch import here.
+
+A dataset loader returns :class:`LoadedData`: lists of :class:`Example` per split. An example is
+already rendered to text segments, each marked trainable or not, so the core can tokenize once,
+mask labels exactly, pack, and show the user what the model sees. Loaders that produce
+conversations also fill ``messages`` so a recipe can choose ``"template": "chat"`` and render with the
+tokenizer's own chat template instead.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass, field
+from typing import Any, Callable, Iterable, Protocol
+
+KINDS = ("dataset", "quantizer", "adapter", "metric")
+
+
+@dataclass
+class Segment:
+    text: str
+    train: bool  # True: tokens of this text carry labels (the response); False: masked prompt
+
+
+@dataclass
+class Example:
+    segments: list[Segment]
+    source: str = ""  # loader name, filled by the core
+    # The generation-eval view: a prompt to complete and the reference continuation.
+    prompt: str | None = None
+    reference: str | None = None
+    # Conversation form, for chat templates: [{"role": "system"|"user"|"assistant", "content": str}]
+    messages: list[dict] | None = None
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. record index, dialogue acts/emotions
+
+    @property
+    def text(self) -> str:
+        return "".join(s.text for s in self.segments)
+
+
+@dataclass
+class LoadedData:
+    train: Iterable[Example]  # list, or an iterator in streaming mode
+    validation: list[Example] | None = None  # the dataset's own split when it has one
+    skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (on_error: skip)
+    fingerprint: str = ""  # identifies the source data (for caching and the run manifest)
+
+
+@dataclass
+class DataContext:
+    """What a loader's factory gets besides its own options."""
+
+    recipe_dir: str
+    on_error: str = "raise"  # or "skip"
+    streaming: bool = False
+    seed: int = 42
+    tokenizer: Any = None  # present when known; loaders normally do not need it
+
+
+@dataclass
+class QuantizationPlan:
+    """What a quantizer contributes to model loading."""
+
+    from_pretrained_kwargs: dict[str, Any]  # e.g. {"quantization_config": BitsAndBytesConfig(...)}
+    notes: list[str] = field(default_factory=list)  # e.g. layers left unquantized and why
+    kbit: bool = False  # the model needs k-bit training preparation
+
+
+@dataclass
+class ModelContext:
+    """What quantizer and adapter factories get: the model's config (no weights) and the recipe."""
+
+    model_config: Any  # transformers.PretrainedConfig
+    recipe: dict
+    targets_for: Callable[[str], list[str] | None] | None = None  # preset -> module names (hook)
+
+
+class Metric(Protocol):
+    """A metric. ``requires`` says what the evaluator must supply:
+
+    - ``"text"``: ``compute(predictions=list[str], references=list[str]) -> dict[str, float]``
+    - ``"loss"``: ``compute(nll_sum=float, token_count=int) -> dict[str, float]`` (token-weighted)
+    """
+
+    requires: str
+
+    def compute(self, **kwargs) -> dict[str, float]: ...

@@ -1,0 +1,1 @@
+"""JSON Schemas shipped with ftk (read with importlib.resources)."""
