@@ -7,7 +7,8 @@ import importlib
 _MODULES = {
     "ftk.cmd_data": ["data"],
     "ftk.cmd_eval": ["eval_cmd", "generate"],
-    "ftk.cmd_model": ["merge", "plan"],
+    "ftk.cmd_model": ["merge"],
+    "ftk.cmd_plan": ["plan"],
 }
 
 

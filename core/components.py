@@ -83,3 +83,23 @@ class Metric(Protocol):
     requires: str
 
     def compute(self, **kwargs) -> dict[str, float]: ...
+
+
+@dataclass
+class PreparedData:
+    """What ftk.data.prepare_data hands to training and evaluation.
+
+    ``train``/``validation`` hold feature dicts ``{"input_ids": [...], "labels": [...]}`` (packed
+    rows add ``"position_ids"`` restarting at 0 per example); ``collator`` turns a list of them into
+    a batch of tensors. ``eval_pairs`` are (prompt, reference) pairs from the validation split for
+    the generation metrics; ``validation_unpacked`` is the validation set one example per row (for
+    perplexity, so it does not depend on packing).
+    """
+
+    train: Any
+    validation: Any
+    collator: Callable
+    eval_pairs: list[tuple[str, str]] = field(default_factory=list)
+    validation_unpacked: Any = None
+    stats: dict = field(default_factory=dict)
+    fingerprint: str = ""

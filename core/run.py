@@ -1,0 +1,117 @@
+"""`ftk run`: the whole pipeline over the registry. The core calls components only by the names the
+recipe chose; the concrete work lives in the plugins and in ftk.data / ftk.model / ftk.train /
+ftk.evaluate."""
+from __future__ import annotations
+
+import datetime as _dt
+import os
+import platform
+import sys
+from pathlib import Path
+
+from ftk.errors import FtkError, RunError
+from ftk.io import atomic_write_json
+
+REDACT_KEYS = ("token", "api_key", "apikey", "secret", "password")
+
+
+def redact(obj):
+    """Drop secret-looking values so they never reach recipe.json, manifest.json, logs or reports."""
+    if isinstance(obj, dict):
+        return {k: ("***" if any(s in k.lower() for s in REDACT_KEYS) and isinstance(v, str) else redact(v))
+                for k, v in obj.items()}
+    if isinstance(obj, list):
+        return [redact(v) for v in obj]
+    return obj
+
+
+def is_main_process() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Path:
+    """Refuse to clobber a previous run; fail early if the folder cannot be written."""
+    out = Path(output_dir)
+    if out.exists() and not out.is_dir():
+        raise FtkError(f"output_dir: {out} exists and is not a folder")
+    if out.is_dir() and any(out.iterdir()) and not resume and not overwrite:
+        raise FtkError(f"output_dir: {out} is not empty; pass --resume to continue that run "
+                       f"or --overwrite to replace it")
+    if resume and resume != "latest" and not Path(resume).exists():
+        raise FtkError(f"--resume: checkpoint {resume} does not exist")
+    probe_parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    if not os.access(probe_parent, os.W_OK):
+        raise FtkError(f"output_dir: {out} is not writable (no write permission on {probe_parent})")
+    return out
+
+
+def environment_info() -> dict:
+    import importlib.metadata as md
+
+    vers = {}
+    for pkg in ("ftk", "torch", "transformers", "peft", "bitsandbytes", "datasets", "accelerate"):
+        try:
+            vers[pkg] = md.version(pkg)
+        except md.PackageNotFoundError:
+            vers[pkg] = None
+    hw = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    try:
+        import torch
+
+        hw["cuda"] = torch.cuda.is_available()
+        if hw["cuda"]:
+            hw["gpu"] = torch.cuda.get_device_name(0)
+    except Exception:  # noqa: BLE001
+        pass
+    return {"versions": vers, "hardware": hw}
+
+
+def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> dict:
+    out = check_output_dir(recipe["output_dir"], resume, overwrite)
+    if overwrite and not resume and out.exists() and is_main_process():
+        import shutil
+
+        shutil.rmtree(out)
+    started = _dt.datetime.now(_dt.timezone.utc).isoformat()
+    from ftk import data as data_mod
+    from ftk import model as model_mod
+    from ftk import train as train_mod
+
+    tokenizer = model_mod.load_tokenizer(recipe)
+    prepared = data_mod.prepare_data(recipe, tokenizer, manager)
+    model, model_info = model_mod.load_model(recipe, manager, tokenizer)
+    if is_main_process():
+        out.mkdir(parents=True, exist_ok=True)
+        atomic_write_json(out / "recipe.json", redact(dict(recipe)))
+    manifest = {
+        "started": started,
+        **environment_info(),
+        "plugins": sorted({f"{c.package}=={c.version}" for c in _used_components(recipe, manager)}),
+        "components": [f"{c.key} ({c.plugin})" for c in _used_components(recipe, manager)],
+        "data": {"fingerprint": prepared.fingerprint, "stats": prepared.stats},
+        "model": model_info,
+    }
+    train_metrics = train_mod.train(model, tokenizer, prepared, recipe, manager, str(out), resume=resume)
+    metrics = {"train": train_metrics}
+    if is_main_process():
+        from ftk import evaluate as eval_mod
+
+        metrics.update(eval_mod.evaluate_run(model, tokenizer, prepared, recipe, manager, str(out)))
+        atomic_write_json(out / "metrics.json", metrics)
+        manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        atomic_write_json(out / "manifest.json", redact(manifest))
+        from ftk import report
+
+        report.write_report(out, recipe, metrics)
+    return metrics
+
+
+def _used_components(recipe: dict, manager):
+    comps = [manager.get("quantizer", recipe["model"]["quantization"]["method"]),
+             manager.get("adapter", recipe["adapter"]["method"])]
+    comps += [manager.get("dataset", d["loader"]) for d in recipe["data"]["datasets"]]
+    comps += [manager.get("metric", m["name"]) for m in recipe["evaluation"]["metrics"]]
+    return comps
+
+
+__all__ = ["run_recipe", "check_output_dir", "redact", "RunError"]
