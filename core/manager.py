@@ -94,15 +94,15 @@ class FtkPluginManager:
                 eps = [ep for ep in dist.entry_points if ep.group == GROUP]
             except Exception:  # a broken distribution's metadata must not take the CLI down
                 continue
+            pkg = dist.metadata["Name"] or "?"
             for ep in eps:
-                if ep.name in seen:  # same dist visible twice on sys.path
+                if (pkg, ep.name) in seen:  # the same distribution visible twice on sys.path
                     continue
-                seen.add(ep.name)
+                seen.add((pkg, ep.name))
                 if only is not None and ep.name not in only:
                     continue
                 if ep.name in blocked:
                     continue
-                pkg = dist.metadata["Name"] or "?"
                 self._load_one(ep, pkg, dist.version or "?")
 
     def _load_one(self, ep, package: str, version: str) -> None:

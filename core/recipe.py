@@ -244,7 +244,7 @@ def resolve_paths(instance: Any, schema: dict, base: Path) -> Any:
                 continue
             val = instance[key]
             fmt = sub.get("format")
-            if isinstance(val, str) and fmt in ("path", "path-or-hub-id"):
+            if isinstance(val, str) and val and fmt in ("path", "path-or-hub-id"):
                 if fmt == "path" or _looks_local(val, base):
                     instance[key] = str((base / os.path.expanduser(val)).resolve())
             elif isinstance(val, (dict, list)):
@@ -255,13 +255,42 @@ def resolve_paths(instance: Any, schema: dict, base: Path) -> Any:
     return instance
 
 
-def _component_defaults_and_paths(recipe: dict, manager, base: Path) -> None:
-    schema = base_schema()
-    for path, obj, key, kind, common in _slots(recipe, schema):
-        comp = manager.get(kind, obj[key])
-        merged = merged_component_schema(common, comp.options_schema, key, obj[key])
+def missing_paths(instance: Any, schema: dict, prefix: tuple = ()) -> list[str]:
+    """Local paths that must exist but do not: ``path-or-hub-id`` values that were resolved as local,
+    and ``path`` values whose schema says ``"x-must-exist": true``."""
+    out: list[str] = []
+    if isinstance(instance, dict):
+        for key, sub in schema.get("properties", {}).items():
+            val = instance.get(key)
+            fmt = sub.get("format")
+            if isinstance(val, str) and (fmt == "path-or-hub-id" or (fmt == "path" and sub.get("x-must-exist"))):
+                if os.path.isabs(val) and not os.path.exists(val):
+                    out.append(f"{json_path(list(prefix) + [key])}: {val} does not exist")
+            elif isinstance(val, (dict, list)):
+                out.extend(missing_paths(val, sub, prefix + (key,)))
+    elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
+        for i, item in enumerate(instance):
+            out.extend(missing_paths(item, schema["items"], prefix + (i,)))
+    return out
+
+
+def _component_schemas(recipe: dict, manager):
+    """(path, obj, merged schema) for each component object whose component is known."""
+    for path, obj, key, kind, common in _slots(recipe, base_schema()):
+        try:
+            comp = manager.get(kind, obj.get(key))
+        except (FtkError, TypeError):
+            continue
+        yield path, obj, merged_component_schema(common, comp.options_schema, key, obj[key])
+
+
+def _component_defaults_and_paths(recipe: dict, manager, base: Path) -> list[str]:
+    errors = missing_paths(recipe, base_schema())
+    for path, obj, merged in _component_schemas(recipe, manager):
         fill_defaults(obj, merged)
         resolve_paths(obj, merged, base)
+        errors.extend(missing_paths(obj, merged, path))
+    return errors
 
 
 def normalize_metrics(recipe: dict) -> None:
@@ -285,7 +314,8 @@ def check_requirements(recipe: dict) -> list[str]:
         try:
             req = Requirement(r)
         except InvalidRequirement as e:
-            out.append(f"requires_plugins[{i}]: {r!r} is not a valid requirement: {e}")
+            reason = str(e).strip().splitlines()[0]
+            out.append(f"requires_plugins[{i}]: {r!r} is not a valid requirement ({reason})")
             continue
         try:
             have = md.version(req.name)
@@ -327,7 +357,10 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     if errors:
         raise FtkError(errors)
     schema = base_schema()
-    resolve_paths(raw, schema, base)  # before overrides: file paths are relative to the file
+    # before overrides: paths written in the file are relative to the file's folder
+    resolve_paths(raw, schema, base)
+    for _, obj, merged in _component_schemas(raw, manager):
+        resolve_paths(obj, merged, base)
     parsed = [parse_override(o) for o in overrides or []]
     for parts, value in parsed:
         apply_override(raw, parts, value)
@@ -335,8 +368,11 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     if errors:
         raise FtkError(errors)
     recipe = fill_defaults(raw, schema)
-    resolve_paths(recipe, schema, Path(os.getcwd()))  # override values; absolute paths stay as they are
-    _component_defaults_and_paths(recipe, manager, base)
+    # override values resolve against the folder the user typed them in; absolute paths stay as they are
+    resolve_paths(recipe, schema, Path(os.getcwd()))
+    errors = _component_defaults_and_paths(recipe, manager, Path(os.getcwd()))
+    if errors:
+        raise FtkError(errors)
     normalize_metrics(recipe)
     out = Recipe(recipe)
     out.path = str(Path(path).resolve()) if path else None
