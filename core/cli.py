@@ -99,9 +99,15 @@ def validate(ctx, recipe, overrides, show):
 
 
 @cli.command()
+@click.option("--markdown", is_flag=True, help="Print the recipe reference as Markdown instead.")
 @click.pass_context
-def schema(ctx):
+def schema(ctx, markdown):
     """Print the composed recipe JSON Schema (base + every installed component's options)."""
+    if markdown:
+        from ftk.docgen import recipe_reference
+
+        click.echo(recipe_reference(_manager(ctx)), nl=False)
+        return
     from ftk.recipe import composed_schema
 
     click.echo(json.dumps(composed_schema(_manager(ctx)), indent=2))

@@ -28,14 +28,14 @@ def test_python_dash_m_and_help():
     assert p.returncode == 0, p.stderr
     for cmd in ("run", "validate", "schema", "plugins"):
         assert cmd in p.stdout
-    p = subprocess.run(["ftk", "--version"], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "ftk", "--version"], capture_output=True, text=True)
     assert p.returncode == 0 and "0.1.0" in p.stdout
 
 
 def test_bad_input_from_a_real_process_has_no_traceback(tmp_path):
     f = tmp_path / "r.json"
     f.write_text('{"model": {"name": 3}}')
-    p = subprocess.run(["ftk", "validate", str(f)], capture_output=True, text=True)
+    p = subprocess.run([sys.executable, "-m", "ftk", "validate", str(f)], capture_output=True, text=True)
     assert p.returncode == 2
     assert "Traceback" not in p.stderr
     assert "model.name: 3 is not of type 'string'" in p.stderr

@@ -1,0 +1,31 @@
+"""Docs kept true: the recipe reference equals the generated one; README and CI agree."""
+from __future__ import annotations
+
+import re
+
+from conftest import ROOT
+
+
+def test_recipe_reference_is_current(fresh_manager):
+    from ftk.docgen import recipe_reference
+
+    current = (ROOT / "docs" / "recipe.md").read_text()
+    assert current == recipe_reference(fresh_manager), "regenerate: ftk schema --markdown > docs/recipe.md"
+
+
+def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+    readme = (ROOT / "README.md").read_text()
+    block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
+    cmds = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
+    assert len(cmds) == 2
+    assert "ftk run examples/quickstart.json" in cmds[0]
+    assert "pytest" in cmds[1]
+    ci = (ROOT / ".ci" / "run").read_text()
+    assert cmds[1] in ci
+    assert readme.index("```bash") < 200  # the commands come first
+
+
+def test_docs_pages_linked_from_readme_exist():
+    readme = (ROOT / "README.md").read_text()
+    for page in re.findall(r"`(docs/[\w\-/]+\.md)`", readme):
+        assert (ROOT / page).exists(), page
