@@ -1,0 +1,174 @@
+"""`ftk plan`: sizes and a peak-memory estimate from the model config alone (no weights loaded).
+
+The activation model counts the tensors autograd keeps per token in one LLaMA decoder layer when the
+base weights are frozen (QLoRA): normalisation inputs (kept in fp32, as LLaMA's RMSNorm upcasts),
+the projections' inputs, LoRA's dropout and low-rank intermediates, rotary q/k, attention q/k/v/out
+(fused attention keeps no score matrix), and the SwiGLU MLP's four intermediate-size tensors; plus
+fp32 logits with their log-softmax and gradient. With gradient checkpointing only each layer's input
+is kept, plus one layer recomputed during backward.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+GB = 1024**3
+_DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
+_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+BLOCK = 64  # bitsandbytes 4-bit block size
+
+
+@dataclass
+class Shape:
+    vocab: int
+    hidden: int
+    intermediate: int
+    layers: int
+    heads: int
+    kv_heads: int
+    tied: bool
+
+    @classmethod
+    def from_config(cls, cfg) -> "Shape":
+        get = cfg.get if isinstance(cfg, dict) else (lambda k, d=None: getattr(cfg, k, d))
+        heads = get("num_attention_heads")
+        return cls(vocab=get("vocab_size"), hidden=get("hidden_size"), intermediate=get("intermediate_size"),
+                   layers=get("num_hidden_layers"), heads=heads, kv_heads=get("num_key_value_heads") or heads,
+                   tied=bool(get("tie_word_embeddings", False)))
+
+    def linear_shapes(self) -> dict[str, tuple[int, int]]:
+        """(in, out) per projection name in one layer."""
+        h, i, kv = self.hidden, self.intermediate, self.hidden // self.heads * self.kv_heads
+        return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
+                "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
+
+
+def _targets(recipe: dict) -> list[str]:
+    t = recipe.get("adapter", {}).get("target_modules", ["q_proj", "v_proj"])
+    if t == "all-linear":
+        return list(_LINEAR_NAMES)
+    if t == "default":
+        return ["q_proj", "v_proj"]
+    return [x for x in t if x in _LINEAR_NAMES]
+
+
+def _compute_bytes(recipe: dict, cuda: bool) -> int:
+    prec = recipe.get("training", {}).get("precision", "auto")
+    if prec == "auto":
+        return 2  # bf16 where fast (GPUs with bf16, CPUs with AMX); fp32 otherwise is a 2x upper bound
+    return _DTYPE_BYTES.get(prec, 4)
+
+
+def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
+    """Peak memory estimate in bytes, split by what holds it."""
+    s = Shape.from_config(config)
+    q = recipe.get("model", {}).get("quantization", {})
+    method = q.get("method", "nf4")
+    nested = q.get("nested", True)
+    r = int(recipe.get("adapter", {}).get("r", 8))
+    data, tr = recipe.get("data", {}), recipe.get("training", {})
+    tokens = int(tr.get("batch_size", 4)) * int(data.get("max_length", 512))
+    d = _compute_bytes(recipe, cuda)
+    store = 2 if d == 2 else 4  # unquantized parameters are kept in the compute dtype
+
+    quantized = unquantized = 0
+    for _, (i, o) in s.linear_shapes().items():
+        n = i * o * s.layers
+        if method in ("nf4", "fp4") and i % BLOCK == 0 and o % BLOCK == 0:
+            quantized += n
+        else:
+            unquantized += n
+    emb = s.vocab * s.hidden * (1 if s.tied else 2)
+    norms = s.hidden * (2 * s.layers + 1)
+    if method in ("nf4", "fp4"):
+        const = (1 / BLOCK + 4 / (BLOCK * 256)) if nested else 4 / BLOCK  # absmax per block (+ its own constants)
+        w_bytes = quantized * (0.5 + const)
+    elif method == "int8":
+        w_bytes = quantized * 1.0
+    else:
+        w_bytes = 0
+        unquantized += quantized
+    weights = w_bytes + (unquantized + emb + norms) * store
+
+    shapes = s.linear_shapes()
+    targets = _targets(recipe)
+    lora_params = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) * s.layers
+    lora = lora_params * 4  # adapters train in fp32
+    grads = lora_params * 4
+    opt = recipe.get("training", {}).get("optimizer", "paged_adamw_32bit")
+    optimizer = lora_params * (2 if "8bit" in opt else (0 if opt == "sgd" else 8))
+
+    h, i, kv = s.hidden, s.intermediate, s.hidden // s.heads * s.kv_heads
+    lora_act = sum(shapes[t][0] + r for t in targets)
+    per_layer_tok = 4 * (2 * h) * 2 + d * (h + lora_act + (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
+    per_layer_tok += len(targets) * h  # dropout masks (1 byte)
+    ckpt = bool(recipe.get("model", {}).get("gradient_checkpointing", False))
+    if ckpt:
+        activations = tokens * (s.layers * h * d + per_layer_tok)
+    else:
+        activations = tokens * s.layers * per_layer_tok
+    logits = tokens * s.vocab * 4 * 3  # fp32 logits, log-softmax kept for backward, their gradient
+    total = weights + lora + grads + optimizer + activations + logits
+    return {
+        "parameters": int(quantized + unquantized + emb + norms),
+        "trainable_parameters": int(lora_params),
+        "trainable_share": lora_params / max(1, quantized + unquantized + emb + norms),
+        "bytes": {"weights": int(weights), "lora_weights": int(lora), "optimizer_state": int(optimizer),
+                  "gradients": int(grads), "activations": int(activations), "logits": int(logits),
+                  "total": int(total)},
+        "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
+                        "quantized_linear_parameters": int(quantized)},
+    }
+
+
+def plan(recipe: dict, manager, with_data: bool = True) -> dict:
+    from transformers import AutoConfig
+
+    m = recipe["model"]
+    cfg = AutoConfig.from_pretrained(m["name"], revision=m.get("revision"), cache_dir=m.get("cache_dir"),
+                                     trust_remote_code=m.get("trust_remote_code", False))
+    out = estimate_memory(cfg, recipe)
+    if with_data:
+        from ftk import data as data_mod
+        from ftk import model as model_mod
+
+        tok = model_mod.load_tokenizer(recipe)
+        prepared = data_mod.prepare_data(recipe, tok, manager)
+        st = prepared.stats
+        tr = recipe["training"]
+        rows = len(prepared.train) if hasattr(prepared.train, "__len__") else None
+        out["data"] = {"train_rows": rows, "stats": st}
+        if rows is not None:
+            per_step = tr["batch_size"] * tr["gradient_accumulation_steps"] * int(_world())
+            steps = math.ceil(rows / per_step) * tr["epochs"]
+            out["data"]["estimated_steps"] = int(min(steps, tr["max_steps"])) if tr["max_steps"] > 0 else int(steps)
+    return out
+
+
+def _world() -> int:
+    import os
+
+    return int(os.environ.get("WORLD_SIZE", "1"))
+
+
+def human(n: float) -> str:
+    for unit, size in (("GiB", GB), ("MiB", 1024**2), ("KiB", 1024)):
+        if n >= size:
+            return f"{n / size:.2f} {unit}"
+    return f"{int(n)} B"
+
+
+def format_plan(p: dict) -> str:
+    b = p["bytes"]
+    lines = [f"parameters: {p['parameters']:,}",
+             f"trainable (adapter) parameters: {p['trainable_parameters']:,} ({100 * p['trainable_share']:.3f}%)",
+             "peak memory estimate:"]
+    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "total"):
+        lines.append(f"  {k:<16} {human(b[k]):>11}")
+    a = p["assumptions"]
+    lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens, {a['compute_bytes']}-byte compute, "
+                 f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'})")
+    if "data" in p:
+        d = p["data"]
+        lines.append(f"training rows: {d.get('train_rows')}, estimated optimizer steps: {d.get('estimated_steps')}")
+    return "\n".join(lines)
