@@ -1,5 +1,7 @@
-"""Built-in adapter `lora` over PEFT."""
+"""Built-in adapter `lora` over PEFT (rsLoRA and DoRA as options)."""
 from ftk.hookspecs import hookimpl
+
+LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
 
 SCHEMA = {
     "type": "object",
@@ -7,16 +9,63 @@ SCHEMA = {
         "r": {"type": "integer", "minimum": 1, "default": 8},
         "alpha": {"type": "number", "exclusiveMinimum": 0, "default": 16},
         "dropout": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.05},
-        "target_modules": {"anyOf": [{"type": "array", "items": {"type": "string"}, "minItems": 1},
+        "target_modules": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
                                      {"enum": ["default", "all-linear"]}],
-                           "default": ["q_proj", "v_proj"]},
+                           "default": ["q_proj", "v_proj"],
+                           "description": "Module names, or a preset resolved per architecture through the "
+                                          "ftk_adapter_targets hook (\"default\", \"all-linear\")."},
         "bias": {"enum": ["none", "all", "lora_only"], "default": "none"},
+        "use_rslora": {"type": "boolean", "default": False, "description": "Scale by alpha/sqrt(r) (rsLoRA)."},
+        "use_dora": {"type": "boolean", "default": False, "description": "Weight-decomposed LoRA (DoRA)."},
+        "modules_to_save": {"type": ["array", "null"], "items": {"type": "string", "minLength": 1}, "default": None,
+                            "description": "Modules trained in full and saved with the adapter (e.g. lm_head)."},
     },
 }
 
 
+def resolve_targets(target, ctx) -> list[str] | str:
+    """Preset -> module names via the hook; PEFT's own \"all-linear\" when no plugin knows the model."""
+    if isinstance(target, list):
+        return list(target)
+    names = ctx.targets_for(target) if ctx is not None and ctx.targets_for else None
+    if names:
+        return list(names)
+    if target == "all-linear":
+        return "all-linear"
+    from ftk.errors import FtkError
+
+    mt = getattr(getattr(ctx, "model_config", None), "model_type", "?")
+    raise FtkError(f"adapter.target_modules: no plugin knows the {target!r} targets for model type {mt!r}; "
+                   f"list the module names instead")
+
+
 def apply(model, options, ctx):
-    raise NotImplementedError("the LoRA adapter lands with the training issue")
+    from peft import LoraConfig, get_peft_model
+
+    from ftk.errors import FtkError
+
+    targets = resolve_targets(options.get("target_modules", ["q_proj", "v_proj"]), ctx)
+    if isinstance(targets, list):
+        # PEFT only fails when *no* name matches; a typo among several would pass silently.
+        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
+        missing = [t for t in targets if t not in leaves and not any(n.endswith(t) for n, _ in model.named_modules())]
+        if missing:
+            raise FtkError(f"adapter.target_modules: no module named {', '.join(map(repr, missing))} in this model "
+                           f"(linear layers: {', '.join(sorted(_linear_leaves(model)))})")
+    cfg = LoraConfig(r=int(options.get("r", 8)), lora_alpha=options.get("alpha", 16),
+                     lora_dropout=float(options.get("dropout", 0.05)), bias=options.get("bias", "none"),
+                     target_modules=targets, use_rslora=bool(options.get("use_rslora", False)),
+                     use_dora=bool(options.get("use_dora", False)),
+                     modules_to_save=options.get("modules_to_save") or None, task_type="CAUSAL_LM")
+    return get_peft_model(model, cfg)
+
+
+def _linear_leaves(model) -> set[str]:
+    out = set()
+    for n, m in model.named_modules():
+        if hasattr(m, "in_features") and hasattr(m, "out_features"):
+            out.add(n.rsplit(".", 1)[-1])
+    return out
 
 
 @hookimpl
@@ -28,6 +77,6 @@ def ftk_register_adapters(register):
 def ftk_adapter_targets(model_type, preset):
     if model_type in ("llama", "mistral", "qwen2"):
         if preset == "all-linear":
-            return ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
+            return list(LLAMA_ALL)
         return ["q_proj", "v_proj"]
     return None

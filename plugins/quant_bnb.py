@@ -1,23 +1,134 @@
 """Built-in quantizers over bitsandbytes: `nf4`, `fp4` (4-bit, optional nested/double quantization),
-`int8`, and `none` (plain LoRA on an unquantized model)."""
+`int8`, and `none` (plain LoRA on an unquantized model).
+
+A quantizer only plans: it returns the ``from_pretrained`` keyword arguments. torch, transformers and
+bitsandbytes are imported inside the factory so listing plugins stays instant.
+"""
 from ftk.hookspecs import hookimpl
 
+# bitsandbytes quantizes 4-bit weights in blocks of 64 values along each row.
+BLOCK_SIZE = 64
+# bitsandbytes' CPU inference kernel (avx512-bf16 machines) repacks a Linear4bit and asserts
+# out_features % 32 == 0 on its first eval/no-grad call.
+CPU_PACK_N = 32
+
+_SKIP = {
+    "skip_modules": {"type": "array", "items": {"type": "string", "minLength": 1}, "default": [],
+                     "description": "Extra module names (suffixes or regexes) to leave unquantized."},
+    "on_incompatible": {"enum": ["skip", "error"], "default": "skip",
+                        "description": "Linear layers bitsandbytes cannot quantize cleanly: leave them "
+                                       "unquantized with a note (skip) or refuse (error)."},
+}
 _FOUR_BIT = {
     "type": "object",
     "properties": {
         "nested": {"type": "boolean", "default": True, "description": "Double quantization of the constants."},
-        "compute_dtype": {"enum": ["auto", "float32", "bfloat16", "float16"], "default": "auto"},
+        "compute_dtype": {"enum": ["auto", "float32", "bfloat16", "float16"], "default": "auto",
+                          "description": "dtype of the de-quantized matmul; auto follows training.precision."},
+        **_SKIP,
+    },
+}
+_INT8 = {
+    "type": "object",
+    "properties": {
+        "threshold": {"type": "number", "minimum": 0, "default": 6.0,
+                      "description": "LLM.int8() outlier threshold."},
+        **_SKIP,
     },
 }
 
 
-def plan(options, ctx):
-    raise NotImplementedError("quantizers land with the training issue")
+def incompatible_linears(model_config, four_bit: bool) -> tuple[list[str], list[str], list[str]]:
+    """(default skips, incompatible module names, notes) from a weightless copy of the model.
+
+    Default skips are what transformers would leave alone by itself (the output head); we must pass
+    them again because an explicit skip list replaces transformers' defaults.
+    """
+    import torch
+    from accelerate import init_empty_weights
+    from transformers import AutoModelForCausalLM
+    from transformers.quantizers.base import get_keys_to_not_convert
+
+    with init_empty_weights():
+        meta = AutoModelForCausalLM.from_config(model_config)
+    defaults = list(get_keys_to_not_convert(meta))
+    bad, notes = [], []
+    for name, mod in meta.named_modules():
+        if type(mod) is not torch.nn.Linear or any(name == d or name.endswith("." + d) for d in defaults):
+            continue
+        why = []
+        if four_bit and mod.in_features % BLOCK_SIZE:
+            why.append(f"in_features {mod.in_features} is not a multiple of the 4-bit block size {BLOCK_SIZE}")
+        if four_bit and mod.out_features % CPU_PACK_N:
+            why.append(f"out_features {mod.out_features} is not a multiple of {CPU_PACK_N} "
+                       f"(bitsandbytes' CPU inference kernel)")
+        if not four_bit and (mod.in_features % 4 or mod.out_features % 4):
+            why.append("int8 kernels need widths that are multiples of 4")
+        if why:
+            bad.append(name)
+            notes.append(f"{name}: {'; '.join(why)}")
+    return defaults, bad, notes
+
+
+def _collapse(names: list[str]) -> list[str]:
+    """Per-layer names -> their shared suffix when every layer has the same problem (shorter notes)."""
+    suffixes = {n.rsplit(".", 1)[-1] for n in names}
+    return sorted(suffixes) if len(suffixes) < len(names) else names
+
+
+def plan(options, ctx, *, method: str):
+    import torch
+    from transformers import BitsAndBytesConfig
+
+    from ftk.components import QuantizationPlan
+    from ftk.errors import FtkError
+
+    if method == "none":
+        return QuantizationPlan(from_pretrained_kwargs={}, notes=["no quantization: full-precision base"], kbit=False)
+    four_bit = method in ("nf4", "fp4")
+    defaults, bad, why = incompatible_linears(ctx.model_config, four_bit)
+    if bad and options.get("on_incompatible", "skip") == "error":
+        raise FtkError([f"model.quantization: cannot quantize {n}" for n in why]
+                       + ["model.quantization.on_incompatible: set to \"skip\" to leave these layers unquantized"])
+    skipped = _collapse(bad)
+    notes = []
+    if bad:
+        notes.append(f"{len(bad)} linear layer(s) left unquantized ({', '.join(skipped)}): {why[0].split(': ', 1)[1]}")
+    extra = list(options.get("skip_modules") or [])
+    if extra:
+        notes.append(f"left unquantized by model.quantization.skip_modules: {', '.join(extra)}")
+    skip = sorted(set(defaults) | set(skipped) | set(extra))
+    if four_bit:
+        cdt = options.get("compute_dtype", "auto")
+        if cdt == "auto":
+            prec = (ctx.recipe.get("training") or {}).get("precision", "fp32")
+            cdt = {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
+        cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
+                                 bnb_4bit_use_double_quant=bool(options.get("nested", True)),
+                                 bnb_4bit_compute_dtype=getattr(torch, cdt), llm_int8_skip_modules=skip)
+        notes.insert(0, f"{method} 4-bit{' nested' if options.get('nested', True) else ''}, compute {cdt}")
+    else:
+        import warnings
+
+        # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16; once is enough
+        warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
+        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options.get("threshold", 6.0)),
+                                 llm_int8_skip_modules=skip)
+        notes.insert(0, "int8 (LLM.int8())")
+    return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True)
+
+
+def _factory(method):
+    def factory(options, ctx):
+        return plan(options, ctx, method=method)
+
+    factory.__name__ = f"plan_{method}"
+    return factory
 
 
 @hookimpl
 def ftk_register_quantizers(register):
-    register("nf4", plan, description="4-bit NormalFloat (QLoRA) via bitsandbytes", options_schema=_FOUR_BIT)
-    register("fp4", plan, description="4-bit float via bitsandbytes", options_schema=_FOUR_BIT)
-    register("int8", plan, description="8-bit LLM.int8() via bitsandbytes", options_schema={"type": "object"})
-    register("none", plan, description="No quantization (plain LoRA)", options_schema={"type": "object"})
+    register("nf4", _factory("nf4"), description="4-bit NormalFloat (QLoRA) via bitsandbytes", options_schema=_FOUR_BIT)
+    register("fp4", _factory("fp4"), description="4-bit float via bitsandbytes", options_schema=_FOUR_BIT)
+    register("int8", _factory("int8"), description="8-bit LLM.int8() via bitsandbytes", options_schema=_INT8)
+    register("none", _factory("none"), description="No quantization (plain LoRA)", options_schema={"type": "object"})

@@ -1,0 +1,265 @@
+"""Model loading: config first (no weights) -> quantizer plan -> weights -> k-bit preparation and
+gradient checkpointing -> adapter. Also precision selection and the merge of an adapter into its base."""
+from __future__ import annotations
+
+import copy
+import os
+from pathlib import Path
+
+from ftk.errors import FtkError
+
+PRECISIONS = ("bf16", "fp16", "fp32")
+
+
+# -- precision ------------------------------------------------------------------------------------
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
+    try:
+        with open("/proc/cpuinfo", encoding="utf-8") as f:
+            for line in f:
+                if line.startswith("flags"):
+                    flags = set(line.split(":", 1)[1].split())
+                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+    except OSError:
+        pass
+    return False
+
+
+def resolve_precision(requested: str) -> str:
+    """``auto`` -> bf16 where it is fast (bf16 GPUs, AMX/AVX512-BF16 CPUs), fp16 on other GPUs, else fp32.
+    An explicit choice the hardware cannot run is a FtkError, not a silent fallback."""
+    import torch
+
+    cuda = torch.cuda.is_available()
+    if requested == "auto":
+        if cuda:
+            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+        return "bf16" if cpu_has_fast_bf16() else "fp32"
+    if requested == "fp16" and not cuda:
+        raise FtkError("training.precision: fp16 mixed precision needs a CUDA GPU (none found); "
+                       "use \"bf16\", \"fp32\" or \"auto\"")
+    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+        raise FtkError(f"training.precision: this GPU ({torch.cuda.get_device_name(0)}) has no bf16 support; "
+                       f"use \"fp16\" or \"auto\"")
+    if requested not in PRECISIONS:
+        raise FtkError(f"training.precision: {requested!r} is not one of auto, bf16, fp16, fp32")
+    return requested
+
+
+# -- tokenizer ------------------------------------------------------------------------------------
+def _hub_kwargs(m: dict) -> dict:
+    return {"revision": m.get("revision"), "cache_dir": m.get("cache_dir"),
+            "trust_remote_code": bool(m.get("trust_remote_code"))}
+
+
+def load_tokenizer(recipe: dict):
+    from transformers import AutoTokenizer
+
+    m = recipe["model"]
+    try:
+        tok = AutoTokenizer.from_pretrained(m["name"], **_hub_kwargs(m))
+    except (OSError, ValueError) as e:
+        raise FtkError(f"model.name: cannot load a tokenizer from {m['name']!r}: {_first_line(e)}") from None
+    try:
+        from ftk.data import prepare_tokenizer
+    except ImportError:
+        return tok
+    return prepare_tokenizer(tok)
+
+
+def _first_line(e: BaseException) -> str:
+    s = str(e).strip()
+    return s.splitlines()[0] if s else type(e).__name__
+
+
+# -- model ----------------------------------------------------------------------------------------
+def _load_config(m: dict):
+    from transformers import AutoConfig
+
+    try:
+        return AutoConfig.from_pretrained(m["name"], **_hub_kwargs(m))
+    except (OSError, ValueError) as e:
+        raise FtkError(f"model.name: cannot load a model config from {m['name']!r}: {_first_line(e)}") from None
+
+
+def _torch_dtype(precision: str, quantized: bool):
+    import torch
+
+    if not torch.cuda.is_available():
+        return torch.float32  # CPU autocast handles bf16; fp32 master weights keep LoRA updates exact
+    return {"bf16": torch.bfloat16, "fp16": torch.float16}.get(precision, torch.float32)
+
+
+def _check_attn(impl: str) -> None:
+    if impl == "flash_attention_2":
+        import importlib.util
+
+        import torch
+
+        if importlib.util.find_spec("flash_attn") is None or not torch.cuda.is_available():
+            raise FtkError("model.attn_implementation: flash_attention_2 needs a CUDA GPU and the flash-attn "
+                           "package; use \"sdpa\"")
+
+
+def guard_cpu_4bit_kernels(model) -> int:
+    """Keep Linear4bit layers whose width the CPU packed kernel rejects off that path (eval + no_grad)."""
+    n = 0
+    for mod in model.modules():
+        if hasattr(mod, "support_avx512bf16_for_cpu") and getattr(mod, "out_features", 0) % 32:
+            mod.support_avx512bf16_for_cpu = False
+            n += 1
+    return n
+
+
+def count_parameters(model) -> tuple[int, int]:
+    """(trainable, total), counting 4-bit packed weights at their real size (as PEFT does)."""
+    if hasattr(model, "get_nb_trainable_parameters"):
+        return model.get_nb_trainable_parameters()
+    trainable = total = 0
+    for p in model.parameters():
+        n = p.numel()
+        if p.__class__.__name__ == "Params4bit":
+            n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+        total += n
+        trainable += n if p.requires_grad else 0
+    return trainable, total
+
+
+def load_base(recipe: dict, plan=None, precision: str = "fp32"):
+    """The base model as the recipe describes it (with the quantizer's plan, if any)."""
+    import torch
+    from transformers import AutoModelForCausalLM
+
+    m = recipe["model"]
+    _check_attn(m.get("attn_implementation", "sdpa"))
+    kwargs = dict(_hub_kwargs(m), attn_implementation=m.get("attn_implementation", "sdpa"),
+                  dtype=_torch_dtype(precision, plan is not None and plan.kbit))
+    if not m.get("allow_pickle"):
+        kwargs["use_safetensors"] = True
+    if plan is not None:
+        kwargs.update(plan.from_pretrained_kwargs)
+    if torch.cuda.is_available():
+        kwargs["device_map"] = {"": int(os.environ.get("LOCAL_RANK", "0"))}
+    try:
+        return AutoModelForCausalLM.from_pretrained(m["name"], **kwargs)
+    except (OSError, ValueError) as e:
+        msg = _first_line(e)
+        if not m.get("allow_pickle") and "safetensors" in msg.lower():
+            raise FtkError(f"model.name: {m['name']!r} has no safetensors weights; set model.allow_pickle to true "
+                           f"to load pickle weights (only from sources you trust)") from None
+        raise FtkError(f"model.name: cannot load {m['name']!r}: {msg}") from None
+
+
+def load_model(recipe: dict, manager, tokenizer):
+    """-> (model with adapter attached, info). Prints the trainable-parameter line."""
+    import transformers
+
+    m = recipe["model"]
+    config = _load_config(m)
+    precision = resolve_precision((recipe.get("training") or {}).get("precision", "auto"))
+    # quantizer and adapter see the concrete precision, not "auto"
+    ctx_recipe = copy.deepcopy(dict(recipe))
+    ctx_recipe.setdefault("training", {})["precision"] = precision
+    from ftk.components import ModelContext
+
+    ctx = ModelContext(model_config=config, recipe=ctx_recipe,
+                       targets_for=lambda preset: manager.adapter_targets(config.model_type, preset))
+    qopts = dict(m.get("quantization") or {"method": "none"})
+    qmethod = qopts.pop("method")
+    plan = manager.get("quantizer", qmethod).factory(qopts, ctx)
+    model = load_base(recipe, plan, precision)
+    guard_cpu_4bit_kernels(model)
+    model.config.use_cache = False  # packed rows: the block mask from position_ids needs use_cache=False
+    notes = list(plan.notes)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+        notes.append(f"token embeddings resized to {len(tokenizer)} for added tokens")
+    gc = bool(m.get("gradient_checkpointing", False))
+    gc_kwargs = {"use_reentrant": False}
+    if plan.kbit:
+        from peft import prepare_model_for_kbit_training
+
+        model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
+                                                gradient_checkpointing_kwargs=gc_kwargs)
+    elif gc:
+        model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=gc_kwargs)
+    if gc:
+        # frozen embeddings give checkpointed blocks inputs without grad: the "does not require grad" trap
+        model.enable_input_require_grads()
+    # the adapter's random init must not depend on what ran before (resume must rebuild the same model)
+    transformers.set_seed(int((recipe.get("training") or {}).get("seed", 42)))
+    aopts = dict(recipe.get("adapter") or {"method": "lora"})
+    amethod = aopts.pop("method")
+    model = manager.get("adapter", amethod).factory(model, aopts, ctx)
+    trainable, total = count_parameters(model)
+    share = 100.0 * trainable / total if total else 0.0
+    if int(os.environ.get("RANK", "0")) == 0:
+        print(f"trainable params: {trainable:,} ({share:.2f}%) of {total:,}; precision {precision}; "
+              f"quantization {qmethod}", flush=True)
+        for n in notes:
+            print(f"note: {n}", flush=True)
+    quantized = sum(1 for mod in model.modules() if type(mod).__name__ in ("Linear4bit", "Linear8bitLt"))
+    info = {
+        "name": m["name"],
+        "model_type": config.model_type,
+        "parameters": int(total),
+        "trainable_parameters": int(trainable),
+        "trainable_share_percent": round(share, 4),
+        "precision": precision,
+        "quantization": {"method": qmethod, "quantized_layers": quantized, "notes": notes},
+        "adapter": amethod,
+        "gradient_checkpointing": gc,
+        "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
+        "device": str(next(model.parameters()).device),
+    }
+    return model, info
+
+
+# -- adapters on disk -----------------------------------------------------------------------------
+def adapter_base_name(adapter_dir: str | os.PathLike) -> str:
+    import json
+
+    cfg = Path(adapter_dir) / "adapter_config.json"
+    if not cfg.is_file():
+        raise FtkError(f"{adapter_dir}: not an adapter folder (no adapter_config.json)")
+    try:
+        base = json.loads(cfg.read_text(encoding="utf-8")).get("base_model_name_or_path")
+    except ValueError as e:
+        raise FtkError(f"{cfg}: invalid JSON: {e}") from None
+    if not base:
+        raise FtkError(f"{cfg}: base_model_name_or_path is missing")
+    return base
+
+
+def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
+                  base: str | None = None) -> Path:
+    """Load the base unquantized, apply the adapter, merge, save a plain transformers model (atomically)."""
+    import shutil
+    import tempfile
+
+    import torch
+    from peft import PeftModel
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    base = base or adapter_base_name(adapter_dir)
+    out = Path(out_dir)
+    if out.exists() and (not out.is_dir() or any(out.iterdir())):
+        raise FtkError(f"--out: {out} exists and is not an empty folder")
+    try:
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as e:
+        raise FtkError(f"{adapter_dir}: cannot load the base model {base!r}: {_first_line(e)}") from None
+    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    out.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    try:
+        model.save_pretrained(tmp)
+        src = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base
+        AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
+        if out.exists():
+            out.rmdir()
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    return out

@@ -1,0 +1,247 @@
+"""Training on transformers' Trainer: recipe -> TrainingArguments, our callbacks (JSONL log, NaN stop,
+TensorBoard into OUTPUT_DIR/logs), checkpoints/resume, Ctrl-C checkpointing, atomic adapter save."""
+from __future__ import annotations
+
+import math
+import os
+import shutil
+import tempfile
+import time
+from pathlib import Path
+
+from ftk.errors import FtkError, RunError
+from ftk.io import append_jsonl, atomic_write_text
+
+CHECKPOINTS = "checkpoints"
+TRAIN_LOG = "train_log.jsonl"
+
+
+def _is_main() -> bool:
+    return int(os.environ.get("RANK", "0")) == 0
+
+
+def _callback_classes():
+    """Built lazily so importing ftk.train stays cheap (no transformers import)."""
+    from transformers import TrainerCallback
+
+    class JsonlLogCallback(TrainerCallback):
+        """One JSON line per logging step (loss, lr, grad_norm) and per evaluation (eval_loss)."""
+
+        def __init__(self, path: Path):
+            self.path = path
+
+        def on_train_begin(self, args, state, control, **kw):
+            # On resume, lines past the checkpoint's step would be logged twice: drop them.
+            if state.is_world_process_zero and self.path.exists():
+                import json
+
+                keep = []
+                for line in self.path.read_text(encoding="utf-8").splitlines():
+                    try:
+                        if json.loads(line).get("step", 0) <= state.global_step:
+                            keep.append(line)
+                    except ValueError:  # a torn last line from a crash
+                        continue
+                atomic_write_text(self.path, "".join(k + "\n" for k in keep))
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not state.is_world_process_zero or not logs:
+                return
+            row = {"step": state.global_step, "epoch": round(state.epoch or 0.0, 4)}
+            if "loss" in logs:
+                row.update(loss=logs["loss"], lr=logs.get("learning_rate"), grad_norm=logs.get("grad_norm"))
+            elif "eval_loss" in logs:
+                row["eval_loss"] = logs["eval_loss"]
+            else:
+                return  # the end-of-training summary goes to metrics.json instead
+            append_jsonl(self.path, row)
+
+    class NanStopCallback(TrainerCallback):
+        """Stop at the first non-finite loss or gradient norm; checkpoints saved so far stay valid."""
+
+        def on_log(self, args, state, control, logs=None, **kw):
+            if not logs:
+                return
+            for key in ("loss", "grad_norm"):
+                v = logs.get(key)
+                if isinstance(v, (int, float)) and not math.isfinite(v):
+                    ckpt = _last_checkpoint(Path(args.output_dir))
+                    hint = (f"; the last good checkpoint is {ckpt}" if ckpt else "; no checkpoint was saved yet")
+                    raise RunError(f"training stopped at step {state.global_step}: {key} is {v} "
+                                   f"(lower training.learning_rate or check the data){hint}")
+
+    return JsonlLogCallback, NanStopCallback
+
+
+def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    if not ckpt_dir.is_dir():
+        return None
+    from transformers.trainer_utils import get_last_checkpoint
+
+    return get_last_checkpoint(str(ckpt_dir))
+
+
+def resolve_resume(resume: str | None, output_dir: str) -> str | None:
+    """``"latest"`` -> newest checkpoint in OUTPUT_DIR/checkpoints; a path must be a checkpoint folder."""
+    if not resume:
+        return None
+    if resume == "latest":
+        ckpt = _last_checkpoint(Path(output_dir) / CHECKPOINTS)
+        if ckpt is None:
+            raise FtkError(f"--resume: no checkpoint in {Path(output_dir) / CHECKPOINTS} "
+                           f"(set training.save_steps to save some)")
+        return ckpt
+    p = Path(resume)
+    if not (p / "trainer_state.json").is_file():
+        raise FtkError(f"--resume: {p} is not a training checkpoint (no trainer_state.json)")
+    return str(p)
+
+
+def training_arguments(recipe: dict, output_dir: str, has_eval: bool):
+    """The recipe's training section as TrainingArguments (transformers 5 names)."""
+    import torch
+    from transformers import TrainingArguments
+
+    from ftk.model import resolve_precision
+
+    t = recipe.get("training") or {}
+    precision = resolve_precision(t.get("precision", "auto"))
+    report = [r for r in (t.get("report_to") or []) if r not in ("none", "tensorboard")]
+    eval_steps = t.get("eval_steps")
+    return TrainingArguments(
+        output_dir=str(Path(output_dir) / CHECKPOINTS),
+        per_device_train_batch_size=t.get("batch_size", 4),
+        per_device_eval_batch_size=t.get("eval_batch_size") or t.get("batch_size", 4),
+        gradient_accumulation_steps=t.get("gradient_accumulation_steps", 4),
+        num_train_epochs=float(t.get("epochs", 3)),
+        max_steps=int(t.get("max_steps", -1)),
+        learning_rate=t.get("learning_rate", 2e-4),
+        weight_decay=t.get("weight_decay", 0.01),
+        warmup_steps=float(t.get("warmup_ratio", 0.03)),  # a float < 1 is a ratio in transformers 5
+        max_grad_norm=t.get("max_grad_norm", 0.3),
+        lr_scheduler_type=t.get("lr_scheduler", "cosine"),
+        optim=t.get("optimizer", "paged_adamw_32bit"),
+        bf16=precision == "bf16",
+        fp16=precision == "fp16",
+        seed=int(t.get("seed", 42)),
+        logging_steps=t.get("logging_steps", 1),
+        logging_first_step=True,
+        logging_nan_inf_filter=False,  # a NaN must reach NanStopCallback, not be averaged away
+        save_strategy="steps" if t.get("save_steps") else "no",
+        save_steps=t.get("save_steps") or 500,
+        save_total_limit=t.get("save_total_limit"),
+        eval_strategy="steps" if (eval_steps and has_eval) else "no",
+        eval_steps=eval_steps,
+        train_sampling_strategy="group_by_length" if t.get("group_by_length") else "random",
+        dataloader_num_workers=t.get("dataloader_num_workers", 0),
+        remove_unused_columns=False,  # our collator needs every column (position_ids for packed rows)
+        report_to=report or "none",
+        include_num_input_tokens_seen="non_padding",
+        use_cpu=not torch.cuda.is_available(),
+        # only under torchrun: naming a backend in a single process makes accelerate expect a process group
+        ddp_backend="gloo" if int(os.environ.get("WORLD_SIZE", "1")) > 1 and not torch.cuda.is_available() else None,
+        ddp_find_unused_parameters=False,
+        disable_tqdm=not _is_main(),
+    )
+
+
+def _as_dataset(rows):
+    """Lists work as map-style datasets; anything without len() (streaming) becomes an IterableDataset."""
+    if rows is None or hasattr(rows, "__len__"):
+        return rows
+    import torch
+
+    class _Iter(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return iter(rows)
+
+    return _Iter()
+
+
+def save_adapter(model, tokenizer, output_dir: str) -> Path:
+    """OUTPUT_DIR/adapter in PEFT format plus the tokenizer, swapped in atomically (rank 0 only)."""
+    out = Path(output_dir) / "adapter"
+    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
+    old = None
+    try:
+        model.save_pretrained(str(tmp))
+        if tokenizer is not None:
+            tokenizer.save_pretrained(str(tmp))
+        if out.exists():
+            old = out.with_name(f".adapter.old.{os.getpid()}")
+            os.replace(out, old)
+        os.replace(tmp, out)
+    except BaseException:
+        shutil.rmtree(tmp, ignore_errors=True)
+        raise
+    if old is not None:
+        shutil.rmtree(old, ignore_errors=True)
+    return out
+
+
+def _loss_rows(history: list[dict]) -> list[dict]:
+    return [h for h in history if "loss" in h and "eval_loss" not in h]
+
+
+def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, resume: str | None = None) -> dict:
+    """Train the adapter with transformers' Trainer; returns the training metrics."""
+    from transformers import Trainer
+    from transformers.integrations import TensorBoardCallback
+
+    out = Path(output_dir)
+    if _is_main():
+        out.mkdir(parents=True, exist_ok=True)
+    ckpt = resolve_resume(resume, output_dir)
+    train_ds, eval_ds = _as_dataset(prepared.train), _as_dataset(prepared.validation)
+    if eval_ds is not None and hasattr(eval_ds, "__len__") and len(eval_ds) == 0:
+        eval_ds = None
+    args = training_arguments(recipe, output_dir, eval_ds is not None)
+    JsonlLogCallback, NanStopCallback = _callback_classes()
+    callbacks = [NanStopCallback(), JsonlLogCallback(out / TRAIN_LOG)]
+    t = recipe.get("training") or {}
+    if "tensorboard" in (t.get("report_to") or []):
+        tb = TensorBoardCallback()
+        tb.logging_dir = str(out / "logs")
+        callbacks.append(tb)
+    callbacks += manager.trainer_callbacks(recipe, output_dir) if manager is not None else []
+    trainer = Trainer(model=model, args=args, data_collator=prepared.collator, train_dataset=train_ds,
+                      eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
+    metrics: dict = {}
+    if eval_ds is not None and ckpt is None:
+        metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    started = time.time()
+    try:
+        result = trainer.train(resume_from_checkpoint=ckpt)
+    except KeyboardInterrupt:
+        step = trainer.state.global_step
+        saved = _last_checkpoint(Path(args.output_dir))
+        if step > 0 and (saved is None or not saved.endswith(f"-{step}")):
+            trainer._save_checkpoint(trainer.model, trial=None)
+            saved = _last_checkpoint(Path(args.output_dir))
+        where = recipe.get("output_dir", output_dir)
+        if saved:
+            raise RunError(f"interrupted at step {step}; checkpoint saved in {saved}; continue with "
+                           f"`ftk run RECIPE --resume` (output_dir {where})") from None
+        raise RunError(f"interrupted at step {step} before any optimizer step; nothing to resume") from None
+    history = trainer.state.log_history
+    losses = _loss_rows(history)
+    metrics.update({
+        "train_loss": result.training_loss,
+        "first_loss": losses[0]["loss"] if losses else None,
+        "final_loss": losses[-1]["loss"] if losses else None,
+        "steps": trainer.state.global_step,
+        "epochs": trainer.state.epoch,
+        "tokens": int(trainer.state.num_input_tokens_seen),
+        "runtime_s": round(time.time() - started, 3),
+        "train_samples_per_second": result.metrics.get("train_samples_per_second"),
+        "resumed_from": ckpt,
+    })
+    if eval_ds is not None:
+        metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
+        if "eval_loss_before" in metrics:
+            metrics["eval_loss_delta"] = metrics["eval_loss_after"] - metrics["eval_loss_before"]
+    if trainer.is_world_process_zero():
+        save_adapter(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module,
+                     tokenizer, output_dir)
+        print(f"adapter saved to {out / 'adapter'}", flush=True)
+    return metrics
