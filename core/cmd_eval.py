@@ -1,0 +1,200 @@
+"""`ftk eval` and `ftk generate`. Only click is imported here; torch and friends load inside the commands."""
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import click
+
+from ftk.errors import FtkError
+
+
+def _manager(ctx: click.Context):
+    from ftk.manager import get_manager
+
+    obj = ctx.ensure_object(dict)
+    if "manager" not in obj:
+        obj["manager"] = get_manager()
+    return obj["manager"]
+
+
+def _check_adapter_dir(adapter: str) -> None:
+    if not (Path(adapter) / "adapter_config.json").is_file():
+        raise FtkError(f"--adapter: {adapter} is not an adapter folder (no adapter_config.json)")
+
+
+def load_for_eval(recipe: dict, manager, tokenizer, adapter: str | None):
+    """The recipe's base model (quantized as the recipe says, no fresh adapter) plus, when given, a
+    trained adapter from ``adapter``. Inference only: no k-bit training preparation."""
+    import copy
+
+    from ftk import model as model_mod
+    from ftk.components import ModelContext
+
+    m = recipe["model"]
+    config = model_mod._load_config(m)
+    precision = model_mod.resolve_precision((recipe.get("training") or {}).get("precision", "auto"))
+    ctx_recipe = copy.deepcopy(dict(recipe))
+    ctx_recipe.setdefault("training", {})["precision"] = precision
+    ctx = ModelContext(model_config=config, recipe=ctx_recipe,
+                       targets_for=lambda preset: manager.adapter_targets(config.model_type, preset))
+    qopts = dict(m.get("quantization") or {"method": "none"})
+    plan = manager.get("quantizer", qopts.pop("method")).factory(qopts, ctx)
+    model = model_mod.load_base(recipe, plan, precision)
+    model_mod.guard_cpu_4bit_kernels(model)
+    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))  # as training did for added tokens (pad)
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+        model_mod.guard_cpu_4bit_kernels(model)
+    return model.eval()
+
+
+def format_table(metrics: dict) -> str:
+    """Plain-text metrics table for the terminal (base | fine-tuned | change)."""
+    from ftk.report import metrics_table
+
+    rows = [r for r in metrics_table(metrics) if not r.startswith("|---") and not r.startswith("|:")]
+    cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.startswith("|")]
+    if not cells:
+        return "\n".join(rows)
+    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(cells[0]))]
+    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+
+
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                           help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
+
+
+@click.command("eval")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="A trained adapter folder (OUTPUT_DIR/adapter). Without it, only the base model is scored.")
+@_set_option
+@click.option("--no-base", is_flag=True, help="With --adapter: skip the base-model comparison.")
+@click.option("--out", type=click.Path(file_okay=False), default=None,
+              help="Write metrics.json, generations.jsonl and report.md into this folder (else nothing is written).")
+@click.option("--json", "as_json", is_flag=True, help="Print the metrics as JSON instead of a table.")
+@click.pass_context
+def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
+    """Score a model on the recipe's validation split without training.
+
+    \b
+    Uses the recipe's evaluation section: metrics (perplexity over the validation
+    split; BLEU/ROUGE over up to max_samples generated answers) and generation
+    settings. With --adapter, the adapter is scored and, unless --no-base, the
+    base model too (adapter disabled in the same process).
+
+    \b
+    Examples:
+      ftk eval examples/quickstart.json
+      ftk eval examples/quickstart.json --adapter runs/quickstart/adapter
+      ftk eval examples/quickstart.json --adapter runs/quickstart/adapter \\
+          --set evaluation.max_samples=5 --set evaluation.generation.num_beams=1 --out runs/eval1
+    """
+    from ftk.recipe import load_recipe
+
+    mgr = _manager(ctx)
+    r = load_recipe(recipe, overrides, manager=mgr)
+    if adapter:
+        _check_adapter_dir(adapter)
+    from ftk import data as data_mod
+    from ftk import evaluate as eval_mod
+    from ftk import model as model_mod
+
+    tokenizer = model_mod.load_tokenizer(r)
+    prepared = data_mod.prepare_data(r, tokenizer, mgr)
+    model = load_for_eval(r, mgr, tokenizer, adapter)
+    metrics = eval_mod.evaluate_model(model, tokenizer, prepared, r, mgr,
+                                      compare_base=False if no_base else None)
+    metrics["adapter"] = str(Path(adapter).resolve()) if adapter else None
+    if out:
+        from ftk.io import atomic_write_json, atomic_write_text
+        from ftk.report import write_report
+
+        samples = metrics.get("samples") or []
+        atomic_write_text(Path(out) / "generations.jsonl",
+                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+        keep = r["evaluation"].get("num_examples_in_report", 5)
+        saved = dict(metrics, samples=samples[:keep])
+        atomic_write_json(Path(out) / "metrics.json", saved)
+        write_report(out, r, saved)
+    if as_json:
+        click.echo(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
+    else:
+        click.echo(format_table(metrics))
+
+
+@click.command()
+@click.argument("prompts", nargs=-1, required=True)
+@click.option("--adapter", type=click.Path(file_okay=False), default=None,
+              help="A trained adapter folder; its base model comes from adapter_config.json unless --base is given.")
+@click.option("--base", "base", default=None, metavar="MODEL",
+              help="Base model folder or hub id (alone: generate with the base model, no adapter).")
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
+@click.option("--num-beams", type=click.IntRange(min=1), default=4, show_default=True,
+              help="Beam width; 1 with --do-sample off is greedy decoding.")
+@click.option("--do-sample", is_flag=True, help="Sample instead of beam/greedy search.")
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True,
+              help="Sampling temperature (with --do-sample).")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+              help="Nucleus sampling mass (with --do-sample).")
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible --do-sample output).")
+@click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {prompt, response}.")
+def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, temperature, top_p,
+             repetition_penalty, seed, as_json):
+    """Print the model's response to each PROMPT (only the new text, up to EOS).
+
+    The prompt is given to the model exactly as written, so for an adapter trained
+    on Alpaca-format data write the Alpaca prompt. The base model is loaded
+    unquantized (as `ftk merge` does).
+
+    \b
+    Examples:
+      ftk generate --base ../shared/models/stories260K "Once upon a time"
+      ftk generate --adapter runs/quickstart/adapter --num-beams 1 "Once upon a time"
+      ftk generate --adapter runs/quickstart/adapter --do-sample --temperature 0.8 --seed 1 "Hi!"
+    """
+    if not adapter and not base:
+        raise FtkError("generate: give --adapter DIR or --base MODEL")
+    if adapter:
+        _check_adapter_dir(adapter)
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    from ftk.evaluate import QualitativeEvaluator
+    from ftk.model import _first_line, adapter_base_name
+
+    base_name = base or adapter_base_name(adapter)
+    tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base_name
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(tok_src)
+        model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
+    except (OSError, ValueError) as e:
+        raise FtkError(f"generate: cannot load {base_name!r}: {_first_line(e)}") from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if adapter:
+        from peft import PeftModel
+
+        model = PeftModel.from_pretrained(model, adapter)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    if seed is not None:
+        from transformers import set_seed
+
+        set_seed(seed)
+    responses = QualitativeEvaluator(model, tokenizer).generate(
+        list(prompts), max_length=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
+        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
+    if as_json:
+        click.echo(json.dumps([{"prompt": p, "response": r} for p, r in zip(prompts, responses)],
+                              indent=2, ensure_ascii=False))
+        return
+    for i, r in enumerate(responses):
+        if len(prompts) > 1:
+            click.echo(f"--- {i + 1}: {prompts[i]}")
+        click.echo(r)

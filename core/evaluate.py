@@ -1,0 +1,321 @@
+"""Evaluation: token-weighted perplexity, batched generation, and the metric plugins over both.
+
+``evaluate_run`` is what ``ftk run`` calls after training; ``ftk eval`` calls ``evaluate_model``.
+Metrics come only from the registry (``manager.get("metric", name)``), so a plugin metric is
+evaluated exactly like a built-in one.
+"""
+from __future__ import annotations
+
+import contextlib
+import logging
+import math
+from pathlib import Path
+from typing import Any, Iterable
+
+from ftk.errors import FtkError
+
+log = logging.getLogger("ftk.evaluate")
+
+IGNORE_INDEX = -100
+GENERATION_DEFAULTS = {"max_new_tokens": 256, "num_beams": 4, "do_sample": False, "temperature": 0.7,
+                       "top_p": 0.9, "repetition_penalty": 1.0, "batch_size": 8}
+
+
+def _device(model):
+    try:
+        return next(model.parameters()).device
+    except StopIteration:  # pragma: no cover - a model without parameters
+        import torch
+
+        return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _eval_mode(model):
+    """Eval mode and no grad for the block; the caller's training mode comes back afterwards."""
+    import torch
+
+    was_training = model.training
+    model.eval()
+    try:
+        with torch.no_grad():
+            yield
+    finally:
+        if was_training:
+            model.train()
+
+
+# -- perplexity -------------------------------------------------------------------------------------
+class PerplexityEvaluator:
+    def __init__(self, model, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def compute_nll(self, dataloader: Iterable[dict]) -> tuple[float, int]:
+        """(sum of token NLL in nats, number of scored tokens) over batches of input_ids/labels.
+
+        A token is scored where its label (after the causal shift) is not -100. With packed rows
+        (``position_ids``), a target whose position is 0 starts a new example and cannot be predicted
+        from the previous one, so it is not scored either. Only one batch of logits lives at a time.
+        """
+        import torch
+        import torch.nn.functional as F
+
+        device = _device(self.model)
+        nll_sum = 0.0
+        count = 0
+        with _eval_mode(self.model):
+            for batch in dataloader:
+                labels = batch["labels"].to(device)
+                kwargs = {"input_ids": batch["input_ids"].to(device), "use_cache": False}
+                pos = batch.get("position_ids")
+                if pos is not None:
+                    kwargs["position_ids"] = pos.to(device)
+                if batch.get("attention_mask") is not None:
+                    kwargs["attention_mask"] = batch["attention_mask"].to(device)
+                logits = self.model(**kwargs).logits
+                targets = labels[:, 1:]
+                if pos is not None:
+                    targets = targets.masked_fill(kwargs["position_ids"][:, 1:] == 0, IGNORE_INDEX)
+                # float32 sum in float64 accumulation: token-weighted, not a mean of batch means
+                loss = F.cross_entropy(logits[:, :-1].float().reshape(-1, logits.shape[-1]),
+                                       targets.reshape(-1), ignore_index=IGNORE_INDEX, reduction="sum")
+                nll_sum += float(loss.double())
+                count += int((targets != IGNORE_INDEX).sum())
+                del logits, loss
+        return nll_sum, count
+
+    def compute_perplexity(self, dataloader: Iterable[dict]) -> float:
+        nll_sum, count = self.compute_nll(dataloader)
+        if count == 0:
+            raise FtkError("perplexity: the evaluation data has no labelled tokens")
+        try:
+            return math.exp(nll_sum / count)
+        except OverflowError:
+            return math.inf
+
+
+# -- generation -------------------------------------------------------------------------------------
+class QualitativeEvaluator:
+    """Generation plus the text metrics. ``max_length`` counts NEW tokens (the seed API's name)."""
+
+    def __init__(self, model, tokenizer, manager=None):
+        self.model = model
+        self.tokenizer = tokenizer
+        self._manager = manager
+        self._metrics: dict[str, Any] = {}
+
+    # ids in, ids out; the text methods wrap this
+    def generate_ids(self, prompts: list[str], max_length: int = 256, temperature: float = 0.7,
+                     top_p: float = 0.9, num_beams: int = 4, do_sample: bool = False,
+                     repetition_penalty: float = 1.0, batch_size: int = 8, **kwargs) -> list[list[int]]:
+        import torch
+
+        tok = self.tokenizer
+        eos = tok.eos_token_id
+        gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
+        # LLaMA has no pad token: pad with EOS (the attention mask hides it) without touching the tokenizer
+        pad = tok.pad_token_id if tok.pad_token_id is not None else eos
+        if pad is None:
+            raise FtkError("generation: the tokenizer has neither a pad nor an EOS token")
+        limit = getattr(getattr(self.model, "config", None), "max_position_embeddings", None)
+        if limit and max_length >= limit:
+            raise FtkError(f"generation: max_new_tokens {max_length} must be below the model's context "
+                           f"length {limit}")
+        gen_kwargs = dict(max_new_tokens=max_length, num_beams=num_beams, do_sample=do_sample,
+                          repetition_penalty=repetition_penalty, pad_token_id=pad, use_cache=True,
+                          eos_token_id=gen_eos if gen_eos is not None else eos)
+        if do_sample:  # temperature/top_p only mean something when sampling (transformers warns otherwise)
+            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        gen_kwargs.update(kwargs)
+        device = _device(self.model)
+        out: list[list[int]] = []
+        # Left padding, done here rather than by the tokenizer so its padding_side and pad token are
+        # never changed: the new tokens then follow every prompt directly.
+        with _eval_mode(self.model):
+            for start in range(0, len(prompts), batch_size):
+                rows = [self._prompt_ids(p, limit, max_length) for p in prompts[start:start + batch_size]]
+                width = max(len(r) for r in rows)
+                ids = torch.tensor([[pad] * (width - len(r)) + r for r in rows], device=device)
+                mask = torch.tensor([[0] * (width - len(r)) + [1] * len(r) for r in rows], device=device)
+                seqs = self.model.generate(input_ids=ids, attention_mask=mask, **gen_kwargs)
+                for row in seqs[:, width:].tolist():
+                    out.append(_cut_at_eos(row, gen_kwargs["eos_token_id"]))
+        return out
+
+    def _prompt_ids(self, prompt: str, limit: int | None, max_new: int) -> list[int]:
+        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        if limit and len(ids) + max_new > limit:
+            # keep the end (where the prompt asks for the response) and the BOS token
+            keep = limit - max_new
+            log.warning("generation: prompt of %d tokens cut to its last %d to leave room for %d new tokens",
+                        len(ids), keep, max_new)
+            bos = self.tokenizer.bos_token_id
+            ids = ([bos] + ids[-(keep - 1):]) if ids and ids[0] == bos and keep > 1 else ids[-keep:]
+        if not ids:
+            raise FtkError(f"generation: prompt {prompt[:40]!r} tokenizes to nothing")
+        return ids
+
+    def generate(self, prompts: list[str], max_length: int = 256, temperature: float = 0.7, top_p: float = 0.9,
+                 num_beams: int = 4, do_sample: bool = False, **kwargs) -> list[str]:
+        """Only the new text of each prompt, cut at EOS."""
+        ids = self.generate_ids(list(prompts), max_length=max_length, temperature=temperature, top_p=top_p,
+                                num_beams=num_beams, do_sample=do_sample, **kwargs)
+        return [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
+
+    def generate_response(self, prompt: str, max_length: int = 256, temperature: float = 0.7,
+                          top_p: float = 0.9, num_beams: int = 4, do_sample: bool = False, **kwargs) -> str:
+        return self.generate([prompt], max_length=max_length, temperature=temperature, top_p=top_p,
+                             num_beams=num_beams, do_sample=do_sample, **kwargs)[0]
+
+    def _metric(self, name: str):
+        if name not in self._metrics:
+            from ftk.manager import get_manager
+
+            mgr = self._manager or get_manager()
+            self._metrics[name] = mgr.get("metric", name).factory({})
+        return self._metrics[name]
+
+    def compute_bleu(self, references: list[str], hypotheses: list[str]) -> float:
+        """Corpus BLEU, sacreBLEU defaults, 0-1 scale."""
+        return self._metric("bleu").compute(predictions=list(hypotheses), references=list(references))["bleu"]
+
+    def compute_rouge(self, references: list[str], hypotheses: list[str]) -> dict[str, float]:
+        """rouge1/rouge2/rougeL/rougeLsum F-measure (stemming on)."""
+        return self._metric("rouge").compute(predictions=list(hypotheses), references=list(references))
+
+
+def _cut_at_eos(row: list[int], eos) -> list[int]:
+    """New tokens up to (not including) the first EOS; generate pads finished rows after it."""
+    stops = set(eos if isinstance(eos, (list, tuple)) else [eos]) - {None}
+    for i, t in enumerate(row):
+        if t in stops:
+            return row[:i]
+    return row
+
+
+# -- metrics from the recipe ------------------------------------------------------------------------
+def build_metrics(recipe: dict, manager) -> list[tuple[str, Any]]:
+    """[(name, metric object)] for recipe.evaluation.metrics, each built by its plugin's factory."""
+    out = []
+    specs = (recipe.get("evaluation") or {}).get("metrics", ["perplexity", "bleu", "rouge"])
+    for i, spec in enumerate(specs):
+        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+        name = spec["name"]
+        comp = manager.get("metric", name)
+        obj = comp.factory({k: v for k, v in spec.items() if k != "name"})
+        if getattr(obj, "requires", None) not in ("text", "loss"):
+            raise FtkError(f"evaluation.metrics[{i}]: metric {name!r} (plugin {comp.plugin}) has "
+                           f"requires={getattr(obj, 'requires', None)!r}; expected 'text' or 'loss'")
+        out.append((name, obj))
+    return out
+
+
+def _merge(result: dict, name: str, values: dict, owners: dict) -> None:
+    for k, v in values.items():
+        if k in owners and owners[k] != name:
+            raise FtkError(f"evaluation.metrics: metrics {owners[k]!r} and {name!r} both report {k!r}")
+        owners[k] = name
+        result[k] = float(v)
+
+
+def generation_settings(recipe: dict) -> dict:
+    gen = dict(GENERATION_DEFAULTS)
+    gen.update((recipe.get("evaluation") or {}).get("generation") or {})
+    return gen
+
+
+def _gen_call_kwargs(gen: dict) -> dict:
+    kw = dict(gen)
+    kw["max_length"] = kw.pop("max_new_tokens")
+    return kw
+
+
+def _eval_dataloader(prepared, recipe: dict):
+    import torch
+
+    rows = prepared.validation_unpacked if prepared.validation_unpacked is not None else prepared.validation
+    if rows is None:
+        return None
+    tr = recipe.get("training") or {}
+    bs = tr.get("eval_batch_size") or tr.get("batch_size") or 4
+    return torch.utils.data.DataLoader(rows, batch_size=bs, shuffle=False, collate_fn=prepared.collator)
+
+
+def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen: dict) -> tuple[dict, list[str]]:
+    """One model's metrics: loss metrics over ``dataloader``, text metrics over generated answers."""
+    result: dict[str, float] = {}
+    owners: dict[str, str] = {}
+    if any(m.requires == "loss" for _, m in metrics):
+        if dataloader is None:
+            raise FtkError("evaluation: perplexity needs a validation split (data.validation_size > 0)")
+        nll, count = PerplexityEvaluator(model, tokenizer).compute_nll(dataloader)
+        for name, m in metrics:
+            if m.requires == "loss":
+                _merge(result, name, m.compute(nll_sum=nll, token_count=count), owners)
+        result["eval_tokens"] = count
+    preds: list[str] = []
+    if any(m.requires == "text" for _, m in metrics):
+        if not prompts:
+            raise FtkError("evaluation: the generation metrics need (prompt, reference) pairs from the "
+                           "validation split, and it has none")
+        preds = QualitativeEvaluator(model, tokenizer).generate(prompts, **_gen_call_kwargs(gen))
+        for name, m in metrics:
+            if m.requires == "text":
+                _merge(result, name, m.compute(predictions=preds, references=references), owners)
+    result["eval_samples"] = len(prompts)
+    return result, preds
+
+
+def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_base: bool | None = None) -> dict:
+    """{"finetuned": {...}, "base": {...}, "samples": [...]} (only "base" for a model with no adapter)."""
+    ev = recipe.get("evaluation") or {}
+    metrics = build_metrics(recipe, manager)
+    gen = generation_settings(recipe)
+    pairs = list(prepared.eval_pairs or [])[: ev.get("max_samples", 50)]
+    prompts = [p for p, _ in pairs]
+    refs = [r for _, r in pairs]
+    loader = _eval_dataloader(prepared, recipe) if any(m.requires == "loss" for _, m in metrics) else None
+    has_adapter = hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
+    if compare_base is None:
+        compare_base = ev.get("compare_base", True)
+    out: dict[str, Any] = {}
+    preds_ft: list[str] | None = None
+    preds_base: list[str] | None = None
+    if has_adapter:
+        log.info("evaluating the fine-tuned model")
+        out["finetuned"], preds_ft = score_model(model, tokenizer, metrics, loader, prompts, refs, gen)
+        if compare_base:
+            log.info("evaluating the base model (adapter disabled)")
+            with model.disable_adapter():  # same weights in memory, adapter bypassed: no second load
+                out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen)
+    else:
+        log.info("evaluating the base model (no adapter)")
+        out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen)
+    out["samples"] = [
+        {"prompt": p, "reference": r,
+         "finetuned": preds_ft[i] if preds_ft else None,
+         "base": preds_base[i] if preds_base else None}
+        for i, (p, r) in enumerate(pairs)
+    ] if (preds_ft or preds_base) else []
+    return out
+
+
+def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir) -> dict:
+    """What ``ftk run`` records after training. All generations go to OUTPUT_DIR/generations.jsonl;
+    the returned ``samples`` keep the first ``evaluation.num_examples_in_report`` of them."""
+    from ftk.io import atomic_write_text
+    import json
+
+    out = evaluate_model(model, tokenizer, prepared, recipe, manager)
+    samples = out.get("samples") or []
+    if samples and output_dir is not None:
+        atomic_write_text(Path(output_dir) / "generations.jsonl",
+                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
+    keep = (recipe.get("evaluation") or {}).get("num_examples_in_report", 5)
+    out["samples"] = samples[:keep]
+    return out
+
+
+__all__ = ["PerplexityEvaluator", "QualitativeEvaluator", "evaluate_run", "evaluate_model", "build_metrics",
+           "score_model", "generation_settings"]

@@ -1,0 +1,181 @@
+"""OUTPUT_DIR/report.md: what a user reads after a run. Every piece is optional (no base model, no
+training log, no samples): what is missing is said, never faked."""
+from __future__ import annotations
+
+import io
+import json
+import math
+import re
+from pathlib import Path
+from typing import Any
+
+from ftk.io import atomic_write_bytes, atomic_write_text
+
+LOWER_IS_BETTER = ("perplexity", "loss")  # metric names containing these improve downwards
+_NOT_METRICS = ("eval_samples", "eval_tokens")
+
+
+def read_train_log(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(train points, eval points) as (step, value) from train_log.jsonl; torn or foreign lines skipped."""
+    train, evals = [], []
+    if not path.is_file():
+        return train, evals
+    for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
+        try:
+            rec = json.loads(line)
+        except json.JSONDecodeError:
+            continue  # a torn last line after a crash
+        if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
+            continue
+        for key, dest in (("loss", train), ("eval_loss", evals)):
+            v = rec.get(key)
+            if isinstance(v, (int, float)) and math.isfinite(v):
+                dest.append((rec["step"], float(v)))
+    return train, evals
+
+
+def plot_loss_curve(train, evals, path: Path) -> bool:
+    """Write the PNG atomically; False when there is nothing to plot or matplotlib is missing."""
+    if not train and not evals:
+        return False
+    try:
+        import matplotlib
+
+        matplotlib.use("Agg")  # no display on servers
+        import matplotlib.pyplot as plt
+    except ImportError:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    if train:
+        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), label="validation loss", color="tab:orange", marker="o", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.set_ylabel("loss (mean token NLL, nats)")
+    ax.grid(alpha=0.3)
+    ax.legend()
+    fig.tight_layout()
+    buf = io.BytesIO()
+    fig.savefig(buf, format="png")
+    plt.close(fig)
+    atomic_write_bytes(path, buf.getvalue())
+    return True
+
+
+def _fmt(v: Any) -> str:
+    if v is None:
+        return "–"
+    if isinstance(v, bool) or not isinstance(v, (int, float)):
+        return str(v)
+    if isinstance(v, int):
+        return str(v)
+    if math.isinf(v) or math.isnan(v):
+        return str(v)
+    return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
+
+
+def metrics_table(metrics: dict) -> list[str]:
+    """Markdown rows: base vs fine-tuned with the change, or whichever side exists."""
+    base, ft = metrics.get("base") or {}, metrics.get("finetuned") or {}
+    keys = list(dict.fromkeys([*ft, *base]))
+    keys = [k for k in keys if k not in _NOT_METRICS] + [k for k in _NOT_METRICS if k in keys]
+    if not keys:
+        return ["No evaluation metrics were recorded."]
+    if base and ft:
+        rows = ["| metric | base | fine-tuned | change | better |", "|---|---:|---:|---:|:---:|"]
+        for k in keys:
+            b, f = base.get(k), ft.get(k)
+            delta = better = ""
+            if isinstance(b, (int, float)) and isinstance(f, (int, float)) and k not in _NOT_METRICS:
+                d = f - b
+                rel = f" ({d / b:+.1%})" if b and math.isfinite(b) and math.isfinite(d) else ""
+                delta = f"{d:+.4f}{rel}" if math.isfinite(d) else str(d)
+                lower = any(s in k for s in LOWER_IS_BETTER)
+                better = "fine-tuned" if (f < b if lower else f > b) else ("same" if f == b else "base")
+            rows.append(f"| {k} | {_fmt(b)} | {_fmt(f)} | {delta} | {better} |")
+        return rows
+    side, vals = ("fine-tuned", ft) if ft else ("base", base)
+    rows = [f"| metric | {side} |", "|---|---:|"]
+    rows += [f"| {k} | {_fmt(vals.get(k))} |" for k in keys]
+    return rows
+
+
+def _fence(text: str) -> str:
+    """A code fence longer than any backtick run inside the text, so generations cannot break out."""
+    longest = max((len(m) for m in re.findall(r"`+", text or "")), default=0)
+    f = "`" * max(3, longest + 1)
+    return f"{f}text\n{text or ''}\n{f}"
+
+
+def recipe_summary(recipe: dict) -> list[str]:
+    model = recipe.get("model") or {}
+    q = dict(model.get("quantization") or {})
+    ad = dict(recipe.get("adapter") or {})
+    data = recipe.get("data") or {}
+    tr = recipe.get("training") or {}
+    ev = recipe.get("evaluation") or {}
+
+    def opts(d: dict, skip: str) -> str:
+        rest = {k: v for k, v in d.items() if k != skip}
+        return f"`{d.get(skip, '?')}` " + (json.dumps(rest, sort_keys=True) if rest else "")
+
+    lines = [f"- **Model**: `{model.get('name', '?')}`",
+             f"- **Quantization**: {opts(q, 'method')}" if q else "- **Quantization**: none",
+             f"- **Adapter**: {opts(ad, 'method')}" if ad else "- **Adapter**: none"]
+    for ds in data.get("datasets") or []:
+        where = ds.get("path") or ds.get("name") or ""
+        lines.append(f"- **Dataset** `{ds.get('loader', '?')}` {where} (template {ds.get('template', 'default')}"
+                     f"{', max ' + str(ds['max_examples']) if ds.get('max_examples') else ''})")
+    if data:
+        lines.append(f"- **Data**: max_length {data.get('max_length')}, packing {data.get('packing')}, "
+                     f"mixing {data.get('mixing')}, validation_size {data.get('validation_size')}")
+    if tr:
+        keys = ("epochs", "max_steps", "batch_size", "gradient_accumulation_steps", "learning_rate",
+                "lr_scheduler", "optimizer", "precision", "seed")
+        lines.append("- **Training**: " + ", ".join(f"{k} {tr[k]}" for k in keys if k in tr))
+    if ev:
+        names = [m["name"] if isinstance(m, dict) else m for m in ev.get("metrics") or []]
+        lines.append(f"- **Evaluation**: metrics {', '.join(names)}; max_samples {ev.get('max_samples')}; "
+                     f"generation {json.dumps(ev.get('generation') or {}, sort_keys=True)}")
+    return lines
+
+
+def write_report(output_dir, recipe: dict, metrics: dict) -> Path:
+    out = Path(output_dir)
+    out.mkdir(parents=True, exist_ok=True)
+    md = ["# ftk run report", ""]
+    md += ["## Recipe", ""] + recipe_summary(recipe or {}) + [""]
+    md += ["## Metrics", ""] + metrics_table(metrics or {}) + [""]
+    fin = (metrics or {}).get("finetuned") or (metrics or {}).get("base") or {}
+    if "eval_samples" in fin or "eval_tokens" in fin:
+        md += [f"Generation metrics over {fin.get('eval_samples', 0)} validation prompts; perplexity over "
+               f"{fin.get('eval_tokens', 0)} validation tokens (see docs/evaluation.md for the formulas).", ""]
+    train = (metrics or {}).get("train")
+    if isinstance(train, dict) and train:
+        md += ["## Training", ""] + [f"- {k}: {_fmt(v)}" for k, v in train.items()
+                                     if isinstance(v, (int, float, str, bool)) or v is None] + [""]
+    md += ["## Loss curve", ""]
+    tr_pts, ev_pts = read_train_log(out / "train_log.jsonl")
+    if plot_loss_curve(tr_pts, ev_pts, out / "loss_curve.png"):
+        md += ["![training and validation loss](loss_curve.png)", "",
+               f"{len(tr_pts)} training and {len(ev_pts)} validation points from train_log.jsonl.", ""]
+    else:
+        md += ["No loss curve: " + ("train_log.jsonl has no loss values." if (out / "train_log.jsonl").exists()
+                                    else "no train_log.jsonl in this folder (or matplotlib is missing)."), ""]
+    samples = (metrics or {}).get("samples") or []
+    md += ["## Sample generations", ""]
+    if not samples:
+        md += ["No generations were recorded.", ""]
+    for i, s in enumerate(samples, 1):
+        md += [f"### Example {i}", "", "**Prompt**", "", _fence(s.get("prompt", "")), "",
+               "**Reference**", "", _fence(s.get("reference", "")), ""]
+        if s.get("base") is not None:
+            md += ["**Base model**", "", _fence(s["base"]), ""]
+        if s.get("finetuned") is not None:
+            md += ["**Fine-tuned**", "", _fence(s["finetuned"]), ""]
+    path = out / "report.md"
+    atomic_write_text(path, "\n".join(md))
+    return path
+
+
+__all__ = ["write_report", "metrics_table", "read_train_log", "plot_loss_curve"]
