@@ -1,0 +1,135 @@
+"""`ftk data preview` and `ftk data stats`: see the data exactly as the model will. Loads only the
+tokenizer, never the model; heavy imports happen inside the commands."""
+from __future__ import annotations
+
+import json
+
+import click
+
+_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                           help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
+
+
+def _prepare(recipe_path: str, overrides):
+    from transformers import AutoTokenizer
+
+    from ftk.data import prepare_data, prepare_tokenizer
+    from ftk.errors import FtkError
+    from ftk.manager import get_manager
+    from ftk.recipe import load_recipe
+
+    mgr = get_manager()
+    recipe = load_recipe(recipe_path, list(overrides), manager=mgr)
+    m = recipe["model"]
+    kw = {k: m[k] for k in ("revision", "cache_dir") if m.get(k)}
+    try:
+        tok = AutoTokenizer.from_pretrained(m["name"], trust_remote_code=bool(m.get("trust_remote_code")), **kw)
+    except (OSError, ValueError) as e:
+        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
+        raise FtkError(f"model.name: cannot load a tokenizer from {m['name']!r}: {first}") from None
+    prepare_tokenizer(tok)
+    return recipe, tok, prepare_data(recipe, tok, mgr)
+
+
+def preview_items(prepared, tokenizer, n: int) -> list[dict]:
+    """The first n training examples as the model sees them (after truncation), one per item."""
+    import numpy as np
+
+    from ftk.data import IGNORE
+
+    out = []
+    for ref in prepared.train_refs[:n]:
+        blk, i = ref.block, ref.idx
+        a, b = int(blk.offsets[i]), int(blk.offsets[i + 1])
+        b = min(b, a + int(prepared.stats["settings"]["max_length"]))
+        ids = blk.ids[a:b].tolist()
+        labels = np.where(blk.mask[a:b] > 0, blk.ids[a:b], IGNORE).tolist()
+        out.append({"text": tokenizer.decode(ids, skip_special_tokens=False), "input_ids": ids, "labels": labels,
+                    "source": ref.name.rsplit("#", 1)[0].split("[")[0], "example": ref.name})
+    return out
+
+
+def render_masked(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
+    """Decoded text with masked (untrained) spans bracketed as [[...]] (and dimmed on a terminal)."""
+    out, run, run_trained = [], [], None
+
+    def flush():
+        if not run:
+            return
+        text = tokenizer.decode(run, skip_special_tokens=False)
+        if run_trained:
+            out.append(text)
+        else:
+            out.append(click.style(f"[[{text}]]", dim=True) if color else f"[[{text}]]")
+
+    for t, lab in zip(ids, labels):
+        trained = lab != -100
+        if trained != run_trained and run:
+            flush()
+            run = []
+        run_trained = trained
+        run.append(t)
+    flush()
+    return "".join(out)
+
+
+@click.group("data")
+def data():
+    """Look at the data a recipe produces (tokenizer only; the model is not loaded)."""
+
+
+@data.command("preview")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("-n", "n", type=click.IntRange(min=1), default=3, show_default=True, help="Examples to show.")
+@click.option("--json", "as_json", is_flag=True, help="Print [{text, input_ids, labels, source}, ...].")
+@_set_option
+def preview(recipe, n, as_json, overrides):
+    """The first N training examples exactly as the model sees them. Masked (untrained) tokens are
+    shown as [[...]]; everything else, including </s>, carries a label."""
+    _, tok, prepared = _prepare(recipe, overrides)
+    items = preview_items(prepared, tok, n)
+    if as_json:
+        click.echo(json.dumps(items, indent=1, ensure_ascii=False))
+        return
+    color = click.get_text_stream("stdout").isatty()
+    for it in items:
+        trained = sum(lab != -100 for lab in it["labels"])
+        click.echo(f"=== {it['example']} ({it['source']}): {len(it['input_ids'])} tokens, {trained} trained")
+        click.echo(render_masked(tok, it["input_ids"], it["labels"], color))
+        click.echo("")
+
+
+@data.command("stats")
+@click.argument("recipe", type=click.Path(dir_okay=False))
+@click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
+@_set_option
+def stats(recipe, as_json, overrides):
+    """Examples per dataset and split, token counts, truncated/dropped/skipped, padding waste."""
+    _, _, prepared = _prepare(recipe, overrides)
+    st = prepared.stats
+    if as_json:
+        click.echo(json.dumps(st, indent=1))
+        return
+    if st.get("streaming"):
+        click.echo(json.dumps(st, indent=1))
+        return
+    rows = [("DATASET", "TRAIN", "VALID", "TOK MEAN", "P95", "MAX", "TRUNC", "DROPPED", "SKIPPED", "CACHE")]
+    for ds in st["datasets"]:
+        rows.append((ds["name"], str(ds["examples"]["train"]), str(ds["examples"]["validation"]),
+                     str(ds["tokens"]["mean"]), str(ds["tokens"]["p95"]), str(ds["tokens"]["max"]),
+                     str(ds["truncated"]), _counts(ds["dropped"]), _counts(ds["skipped"]), ds["cache"]))
+    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
+    for r in rows:
+        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    tr, s = st["train"], st["settings"]
+    click.echo(f"train: {tr['examples']} examples ({_counts(tr['per_dataset'])}) in {tr['rows']} rows, "
+               f"{tr['tokens']} tokens, {tr['trainable_tokens']} trained; validation: "
+               f"{st['validation']['examples']} examples")
+    pw = st["padding_waste"]
+    click.echo(f"padding waste (batch {s['batch_size']}, max_length {s['max_length']}): "
+               f"unpacked {pw['unpacked']:.1%}, unpacked padded to max_length {pw['unpacked_pad_to_max_length']:.1%}, "
+               f"packed {pw['packed']:.1%} (packing is {'on' if s['packing'] else 'off'})")
+
+
+def _counts(d: dict) -> str:
+    return ", ".join(f"{k} {v}" for k, v in d.items() if v) or "0"

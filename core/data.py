@@ -1,0 +1,982 @@
+"""The data pipeline: loaders' examples -> tokenized, masked, split, mixed and packed rows.
+
+Everything between raw files and the batches the trainer sees lives here, plus the helpers the
+built-in loaders share (file reading, bad-record policy, prompt formats). Only the standard library
+and numpy are imported at module level; torch/transformers/datasets load inside functions.
+
+Labels come from our own masks (segment char spans -> tokens via the fast tokenizer's offsets),
+never from pad ids, so the EOS a model must learn to emit is never masked.
+"""
+from __future__ import annotations
+
+import bisect
+import csv
+import hashlib
+import io
+import itertools
+import json
+import os
+import string
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any, Callable, Iterable, Iterator
+
+import numpy as np
+
+from ftk.components import DataContext, Example, LoadedData, PreparedData, Segment
+from ftk.errors import DataError
+
+CACHE_VERSION = 1
+IGNORE = -100
+ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
+ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
+DEFAULT_SPEAKERS = ("User", "Assistant")
+
+
+# == tokenizer ====================================================================================
+def prepare_tokenizer(tokenizer):
+    """Give a pad token that is not EOS and pad on the right. Idempotent.
+
+    pad = unk when the tokenizer has one (LLaMA); otherwise a new ``<pad>`` token is added (then the
+    model's embeddings must be resized to ``len(tokenizer)``). Labels never depend on pad ids.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    fp = getattr(tokenizer, "_ftk_fingerprint", None)
+    if fp:
+        return fp
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                         getattr(tokenizer, "chat_template", None)], default=str).encode())
+    fp = h.hexdigest()[:20]
+    try:
+        tokenizer._ftk_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
+
+
+# == helpers for loaders: files, records, bad-record policy ======================================
+class BadRecord(Exception):
+    """Raised by record parsers; ``reason`` is the short key counted when on_error is 'skip'."""
+
+    def __init__(self, reason: str, message: str):
+        self.reason, self.message = reason, message
+        super().__init__(message)
+
+
+class RecordPolicy:
+    """on_error 'raise': a bad record stops with ``where: problem``; 'skip': it is counted by reason."""
+
+    def __init__(self, on_error: str = "raise"):
+        self.on_error = on_error or "raise"
+        self.skipped: dict[str, int] = {}
+
+    def bad(self, where: str, err: BadRecord) -> None:
+        if self.on_error == "skip":
+            self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
+            return
+        raise DataError(f"{where}: {err.message}")
+
+
+def check_path(path: str, what: str = "data file") -> Path:
+    p = Path(path)
+    if not p.exists():
+        raise DataError(f"{path}: {what} not found")
+    return p
+
+
+def decode_utf8(data: bytes, where: str) -> str:
+    try:
+        return data.decode("utf-8-sig")
+    except UnicodeDecodeError as e:
+        line = data[: e.start].count(b"\n") + 1
+        raise DataError(f"{where}:{line}: not UTF-8 text (byte {e.start})") from None
+
+
+def read_text(path: str | Path) -> str:
+    p = check_path(str(path))
+    if p.is_dir():
+        raise DataError(f"{p}: is a folder, expected a file")
+    return decode_utf8(p.read_bytes(), str(p))
+
+
+def file_fingerprint(*paths: str | Path) -> str:
+    h = hashlib.sha256()
+    for p in paths:
+        h.update(str(p).encode() + b"\0")
+        with open(p, "rb") as f:
+            for chunk in iter(lambda: f.read(1 << 22), b""):
+                h.update(chunk)
+    return h.hexdigest()[:20]
+
+
+def detect_format(path: str, fmt: str | None = None) -> str:
+    if fmt and fmt != "auto":
+        return fmt
+    suffix = Path(path).suffix.lower()
+    kinds = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
+             ".parquet": "parquet", ".pq": "parquet"}
+    if suffix not in kinds:
+        raise DataError(f"{path}: cannot tell the file format from {suffix or 'no extension'!r}; "
+                        f"set \"format\" to one of json, jsonl, csv, tsv, parquet")
+    return kinds[suffix]
+
+
+def iter_records(path: str, fmt: str | None, policy: RecordPolicy) -> Iterator[tuple[str, Any]]:
+    """Yield (where, record) from a JSON array, JSONL, CSV/TSV or Parquet file.
+
+    ``where`` names the file and the record index (JSON, Parquet) or line (JSONL, CSV). A JSONL line
+    that does not parse goes through ``policy`` like any other bad record.
+    """
+    fmt = detect_format(path, fmt)
+    p = check_path(path)
+    if p.is_dir():
+        raise DataError(f"{path}: is a folder, expected a {fmt} file")
+    if fmt == "parquet":
+        try:
+            import pyarrow.parquet as pq
+
+            table = pq.read_table(p)
+        except Exception as e:  # noqa: BLE001 - any pyarrow failure means the file is not usable
+            raise DataError(f"{path}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
+        for i, rec in enumerate(table.to_pylist()):
+            yield f"{path}: record {i}", rec
+        return
+    text = read_text(p)
+    if fmt == "json":
+        try:
+            data = json.loads(text)
+        except json.JSONDecodeError as e:
+            hint = " (one object per line? use a .jsonl file or \"format\": \"jsonl\")" if "Extra data" in e.msg else ""
+            raise DataError(f"{path}:{e.lineno}:{e.colno}: JSON syntax error: {e.msg}{hint}") from None
+        if isinstance(data, dict):
+            lists = [k for k, v in data.items() if isinstance(v, list)]
+            if len(lists) == 1:
+                data = data[lists[0]]
+        if not isinstance(data, list):
+            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
+        for i, rec in enumerate(data):
+            yield f"{path}: record {i}", rec
+    elif fmt == "jsonl":
+        for n, line in enumerate(text.splitlines(), 1):
+            if not line.strip():
+                continue
+            try:
+                rec = json.loads(line)
+            except json.JSONDecodeError as e:
+                policy.bad(f"{path}:{n}", BadRecord("invalid_json", f"line does not parse as JSON: {e.msg}"))
+                continue
+            yield f"{path}:{n}", rec
+    elif fmt in ("csv", "tsv"):
+        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
+        if not reader.fieldnames:
+            raise DataError(f"{path}: empty {fmt.upper()} file (no header row)")
+        for rec in reader:
+            yield f"{path}:{reader.line_num}", rec
+    else:
+        raise DataError(f"{path}: unknown format {fmt!r}")
+
+
+def field_str(rec: Any, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
+    """The string at ``rec[key]``, or BadRecord saying what is wrong with it."""
+    if not isinstance(rec, dict):
+        raise BadRecord("not_an_object", f"expected an object with fields, got {type(rec).__name__}")
+    if key not in rec or rec[key] is None:
+        if required:
+            raise BadRecord(f"missing_{key}", f"missing field {key!r}")
+        return ""
+    val = rec[key]
+    if not isinstance(val, str):
+        raise BadRecord(f"non_string_{key}", f"field {key!r} must be a string, got {type(val).__name__}")
+    if required and not allow_empty and not val.strip():
+        raise BadRecord(f"empty_{key}", f"field {key!r} is empty")
+    return val
+
+
+# == prompt formats ===============================================================================
+def _split_template(template: str) -> tuple[str, str]:
+    """Split a template at ``{output}``: the part before is the prompt, the rest is trained."""
+    names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
+    if names.count("output") != 1:
+        raise DataError(f"template {template!r}: must contain {{output}} exactly once (where the response goes)")
+    i = template.index("{output}")
+    return template[:i], template[i:]
+
+
+def instruction_example(fields: dict, template: str | None = None) -> Example:
+    """Alpaca-style example. ``template`` None/"default"/"chat": the Alpaca format (Input block left
+    out when input is empty); otherwise a format string over the record's fields with ``{output}``."""
+    instruction, inp, output = fields["instruction"], fields.get("input") or "", fields["output"]
+    if template in (None, "default", "chat"):
+        template = ALPACA_TEMPLATE if inp.strip() else ALPACA_TEMPLATE_NO_INPUT
+    head, tail = _split_template(template)
+    values = {**fields, "input": inp}
+    try:
+        prompt, response = head.format_map(values), tail.format_map(values)
+    except KeyError as e:
+        raise BadRecord("template_field", f"template uses field {e.args[0]!r} that the record does not have") from None
+    except (ValueError, IndexError) as e:
+        raise DataError(f"template {template!r}: {e}") from None
+    user = instruction if not inp.strip() else f"{instruction}\n\n{inp}"
+    return Example(segments=[Segment(prompt, False), Segment(response, True)], prompt=prompt, reference=output,
+                   messages=[{"role": "user", "content": user}, {"role": "assistant", "content": output}])
+
+
+def conversation_example(messages: list[dict], speakers: dict | None = None) -> Example:
+    """A conversation rendered as ``Speaker: text`` lines; assistant turns (and the newline ending
+    them) are trained, the speaker labels and other turns are not. The eval pair is everything
+    before the last assistant turn -> that turn."""
+    names = {"system": "System", "user": DEFAULT_SPEAKERS[0], "assistant": DEFAULT_SPEAKERS[1], **(speakers or {})}
+    segs: list[Segment] = []
+    last_prompt = last_ref = None
+    for k, m in enumerate(messages):
+        label = f"{names[m['role']]}: "
+        sep = "\n" if k < len(messages) - 1 else ""
+        if m["role"] == "assistant":
+            segs.append(Segment(label, False))
+            last_prompt, last_ref = "".join(s.text for s in segs), m["content"]
+            segs.append(Segment(m["content"] + sep, True))
+        else:
+            segs.append(Segment(label + m["content"] + sep, False))
+    if last_ref is None:
+        raise BadRecord("no_assistant_turn", "conversation has no assistant turn to train on")
+    # merge neighbours with the same flag so the example stays small
+    merged: list[Segment] = []
+    for s in segs:
+        if merged and merged[-1].train == s.train:
+            merged[-1] = Segment(merged[-1].text + s.text, s.train)
+        else:
+            merged.append(s)
+    return Example(segments=merged, prompt=last_prompt, reference=last_ref, messages=list(messages))
+
+
+def check_messages(msgs: Any) -> list[dict]:
+    if not isinstance(msgs, list):
+        raise BadRecord("bad_messages", f"messages must be a list, got {type(msgs).__name__}")
+    out = []
+    for j, m in enumerate(msgs):
+        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
+            raise BadRecord("bad_messages", f"message {j}: needs a role of system/user/assistant")
+        if not isinstance(m.get("content"), str):
+            raise BadRecord("bad_messages", f"message {j}: content must be a string")
+        if not m["content"].strip():
+            raise BadRecord("empty_turn", f"message {j} is empty")
+        out.append({"role": m["role"], "content": m["content"]})
+    if sum(m["role"] != "system" for m in out) < 2:
+        raise BadRecord("too_few_turns", "conversation has fewer than two turns")
+    return out
+
+
+def example_from_row(row: dict, template: str | None = None) -> Example:
+    """A row from a user's DatasetDict: instruction/input/output, prompt/response(completion),
+    messages, or text."""
+    if not isinstance(row, dict):
+        raise BadRecord("not_an_object", f"expected a row of fields, got {type(row).__name__}")
+    if "input_ids" in row and not any(k in row for k in ("instruction", "prompt", "messages", "text")):
+        raise BadRecord("pretokenized", "rows hold only input_ids; ftk tokenizes itself (so it can mask and "
+                                        "pack): return text fields (instruction/input/output, prompt/response, "
+                                        "messages or text)")
+    if "messages" in row:
+        return conversation_example(check_messages(row["messages"]))
+    if "instruction" in row:
+        return instruction_example({"instruction": field_str(row, "instruction"),
+                                    "input": field_str(row, "input", required=False),
+                                    "output": field_str(row, "output")}, template)
+    if "prompt" in row:
+        resp_key = "response" if "response" in row else "completion"
+        prompt, resp = field_str(row, "prompt", allow_empty=True), field_str(row, resp_key)
+        return Example(segments=[Segment(prompt, False), Segment(resp, True)], prompt=prompt, reference=resp)
+    if "text" in row:
+        return Example(segments=[Segment(field_str(row, "text"), True)])
+    raise BadRecord("unknown_shape", f"row has fields {sorted(row)}; expected instruction/output, "
+                                     f"prompt/response, messages or text")
+
+
+def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
+    """Turn a seed-style loader class into a dataset factory.
+
+    ``cls(tokenizer, max_length)`` must have ``load() -> datasets.DatasetDict`` with a ``train`` split
+    (and optionally ``validation``) whose rows have text fields (see :func:`example_from_row`).
+    Register the result like any loader: ``register("mine", loader_from_class(MyLoader))``.
+    """
+
+    def factory(options: dict, ctx: DataContext) -> LoadedData:
+        obj = cls(ctx.tokenizer, getattr(ctx, "max_length", 512))
+        dd = obj.load()
+        if "train" not in dd:
+            raise DataError(f"{cls.__name__}.load(): returned splits {list(dd)}; a 'train' split is required")
+        policy = RecordPolicy(ctx.on_error)
+        template = options.get("template")
+
+        def convert(split):
+            out = []
+            for i, row in enumerate(dd[split]):
+                try:
+                    out.append(example_from_row(row, template))
+                except BadRecord as e:
+                    policy.bad(f"{cls.__name__} {split} row {i}", e)
+            return out
+
+        train = convert("train")
+        val = convert("validation") if "validation" in dd else None
+        fp = hashlib.sha256(repr([getattr(dd[s], "_fingerprint", "") for s in dd]).encode()).hexdigest()[:20]
+        return LoadedData(train=train, validation=val, skipped=policy.skipped, fingerprint=f"{cls.__name__}:{fp}")
+
+    factory.__doc__ = f"ftk loader wrapping {cls.__module__}.{cls.__qualname__}"
+    return factory
+
+
+def load_hub(path: str, ctx: DataContext, options: dict):
+    """A hub dataset (``datasets.load_dataset``) as (train split, validation split or None)."""
+    import datasets
+
+    kw = {k: options[k] for k in ("revision",) if options.get(k)}
+    try:
+        dd = datasets.load_dataset(path, options.get("subset"), streaming=ctx.streaming, **kw)
+    except Exception as e:  # noqa: BLE001 - offline, unknown id, ...: one clear line
+        raise DataError(f"{path}: not a local file and not loadable as a hub dataset: "
+                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
+    if "train" not in dd:
+        raise DataError(f"{path}: hub dataset has splits {list(dd)}; a 'train' split is required")
+    val = next((dd[s] for s in ("validation", "valid", "dev") if s in dd), None)
+    return dd["train"], val, getattr(dd["train"], "_fingerprint", "") or path
+
+
+# == tokenization =================================================================================
+@dataclass
+class TokenBlock:
+    """Examples tokenized once, stored flat: ``ids``/``mask`` (1 = trainable) of example i are
+    ``[offsets[i]:offsets[i+1]]``, untruncated (truncation is applied on use, so max_length is not
+    part of the cache key)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def trainable_within(self, max_length: int) -> np.ndarray:
+        """Trainable labels per example within its first ``max_length`` tokens (first token excluded)."""
+        cs = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
+        start = self.offsets[:-1]
+        end = start + np.minimum(self.lengths, max_length)
+        first = np.where(self.lengths > 0, self.mask[np.minimum(start, max(len(self.mask) - 1, 0))], 0) \
+            if len(self.mask) else np.zeros(len(self), np.int64)
+        return cs[end] - cs[start] - first
+
+
+def render_chat(tokenizer, messages: list[dict], where: str) -> Example:
+    """Render with the tokenizer's chat template; only assistant turns are trainable.
+
+    Each assistant turn's span is found by rendering the conversation up to it (with the generation
+    prompt) and up to its end: the difference is exactly what the model must produce."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: template 'chat' needs a tokenizer with a chat template; this one has none "
+                        f"(use \"template\": \"default\")")
+
+    def render(msgs, gen=False):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 - jinja errors from the template itself
+            raise DataError(f"{where}: the tokenizer's chat template failed: {e}") from None
+
+    full = render(messages)
+    segs, pos = [], 0
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        start, end = len(render(messages[:k], gen=True)), len(render(messages[: k + 1]))
+        if not (full.startswith(render(messages[:k], gen=True)) and full.startswith(render(messages[: k + 1]))):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, so "
+                            f"assistant turns cannot be located; use \"template\": \"default\"")
+        if start > pos:
+            segs.append(Segment(full[pos:start], False))
+        segs.append(Segment(full[start:end], True))
+        pos = end
+    if pos < len(full):
+        segs.append(Segment(full[pos:], False))
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return Example(segments=segs, prompt=render(messages[:last], gen=True), reference=messages[last]["content"],
+                   messages=messages)
+
+
+def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
+    """Tokens overlapping chars [s, e) (a token crossing into the span counts as inside)."""
+    first = next((t for c in range(s, e) if (t := enc.char_to_token(c)) is not None), None)
+    if first is None:
+        return None
+    last = next((t for c in range(e - 1, s - 1, -1) if (t := enc.char_to_token(c)) is not None), first)
+    return first, last
+
+
+def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool = False,
+                      progress: bool | None = None, desc: str = "tokenizing") -> TokenBlock:
+    """Tokenize once with the fast tokenizer, in batches: BOS + text + EOS, mask from segment spans.
+
+    BOS/EOS are not added where the text already has them (chat templates); EOS is trainable."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(f"{type(tokenizer).__name__}: ftk needs a fast (Rust) tokenizer for exact label masks")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"{type(tokenizer).__name__}: the tokenizer has no EOS token, so examples cannot end")
+    bos_s, eos_s = tokenizer.bos_token or "\0", tokenizer.eos_token or "\0"
+    n = len(examples)
+    chunks_ids, chunks_mask, lens = [], [], np.zeros(n, np.int64)
+    from tqdm.auto import tqdm
+
+    step = 4096
+    bar = tqdm(total=n, desc=desc, unit="ex", disable=(None if progress is None else not progress), leave=False)
+    for a in range(0, n, step):
+        batch = examples[a: a + step]
+        texts = [ex.text for ex in batch]
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        for j, (ex, text, enc) in enumerate(zip(batch, texts, encs)):
+            ids = enc.ids
+            add_bos = bos is not None and not text.startswith(bos_s)
+            add_eos = not text.rstrip().endswith(eos_s)
+            body = np.zeros(len(ids), np.uint8)
+            if train_on_inputs:
+                body[:] = 1
+            else:
+                pos = 0
+                for seg in ex.segments:
+                    if seg.train and seg.text:
+                        r = _token_range(enc, pos, pos + len(seg.text))
+                        if r:
+                            body[r[0]: r[1] + 1] = 1
+                    pos += len(seg.text)
+            m = [np.zeros(1, np.uint8)] if add_bos else []
+            m.append(body)
+            if add_eos:
+                m.append(np.ones(1, np.uint8))
+            full = ([bos] if add_bos else []) + ids + ([eos] if add_eos else [])
+            chunks_ids.append(np.asarray(full, np.int32))
+            chunks_mask.append(np.concatenate(m))
+            lens[a + j] = len(full)
+        bar.update(len(batch))
+    bar.close()
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ids = np.concatenate(chunks_ids) if chunks_ids else np.zeros(0, np.int32)
+    mask = np.concatenate(chunks_mask) if chunks_mask else np.zeros(0, np.uint8)
+    if len(mask):
+        mask[offsets[:-1][lens > 0]] = 0  # the first token never has a label (nothing predicts it)
+    return TokenBlock(ids=ids, mask=mask, offsets=offsets)
+
+
+# == cache ========================================================================================
+def cache_root(data_cfg: dict) -> Path:
+    root = data_cfg.get("cache_dir") or os.environ.get("FTK_CACHE_DIR") or os.path.join("~", ".cache", "ftk")
+    return Path(os.path.expanduser(root)) / "data"
+
+
+def examples_digest(examples: list[Example]) -> str:
+    h = hashlib.sha256()
+    for ex in examples:
+        for s in ex.segments:
+            h.update(b"\x01" if s.train else b"\x00")
+            h.update(s.text.encode("utf-8", "surrogatepass"))
+        h.update(b"\x02")
+    return h.hexdigest()
+
+
+def _npy_bytes(arr: np.ndarray) -> bytes:
+    buf = io.BytesIO()
+    np.save(buf, arr, allow_pickle=False)
+    return buf.getvalue()
+
+
+def cached_tokenize(examples: list[Example], tokenizer, train_on_inputs: bool, data_cfg: dict,
+                    progress: bool | None = None, desc: str = "tokenizing") -> tuple[TokenBlock, bool]:
+    """Tokenize through the cache: (block, hit). Keyed by the rendered examples (which already
+    reflect data, loader options and template), the tokenizer and train_on_inputs."""
+    if not data_cfg.get("cache", True):
+        return tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc), False
+    from ftk.io import atomic_write_bytes, atomic_write_json
+
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, examples_digest(examples), tokenizer_fingerprint(tokenizer),
+                                     bool(train_on_inputs)]).encode()).hexdigest()[:24]
+    d = cache_root(data_cfg) / key
+    if (d / "done.json").exists():
+        try:
+            blk = TokenBlock(*(np.load(d / f"{k}.npy", allow_pickle=False) for k in ("ids", "mask", "offsets")))
+            if len(blk) == len(examples):
+                return blk, True
+        except (OSError, ValueError):
+            pass  # a damaged cache entry is rebuilt
+    blk = tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc)
+    try:
+        for k in ("ids", "mask", "offsets"):
+            atomic_write_bytes(d / f"{k}.npy", _npy_bytes(getattr(blk, k)))
+        atomic_write_json(d / "done.json", {"version": CACHE_VERSION, "examples": len(examples)})  # written last
+    except OSError as e:
+        import warnings
+
+        warnings.warn(f"ftk: data cache not written to {d}: {e.strerror}", stacklevel=2)
+    return blk, False
+
+
+# == rows, packing, collator ======================================================================
+class FeatureRows:
+    """Rows of features backed by flat numpy arrays (a map-style dataset for torch's DataLoader).
+
+    ``rows[i]`` -> ``{"input_ids": [...], "labels": [...], ("position_ids": [...]), "example_ids": [...]}``;
+    ``example_ids`` name the examples in the row (``source#index``) so errors can point at them.
+    """
+
+    def __init__(self, ids, labels, offsets, position_ids=None, names=None):
+        self.ids, self.labels, self.offsets, self.position_ids = ids, labels, offsets, position_ids
+        self.names = names or [[] for _ in range(len(offsets) - 1)]
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    def __getitem__(self, i):
+        if isinstance(i, slice):
+            return [self[j] for j in range(*i.indices(len(self)))]
+        if i < 0:
+            i += len(self)
+        if not 0 <= i < len(self):
+            raise IndexError(i)
+        a, b = int(self.offsets[i]), int(self.offsets[i + 1])
+        out = {"input_ids": self.ids[a:b].tolist(), "labels": self.labels[a:b].tolist()}
+        if self.position_ids is not None:
+            out["position_ids"] = self.position_ids[a:b].tolist()
+        out["example_ids"] = list(self.names[i])
+        return out
+
+    def __iter__(self):
+        return (self[i] for i in range(len(self)))
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    @property
+    def packed(self) -> bool:
+        return self.position_ids is not None
+
+
+@dataclass
+class _Ref:
+    """One example chosen for a split: its token block, index there, and name."""
+
+    block: TokenBlock
+    idx: int
+    name: str
+
+
+def build_rows(refs: list[_Ref], max_length: int, packing: bool, rng: np.random.Generator | None = None) -> FeatureRows:
+    """Rows from examples (truncated to max_length). Packing: best-fit-decreasing bins of at most
+    max_length tokens, position_ids restarting per example, bins in seeded random order."""
+    lens = np.array([min(r.block.offsets[r.idx + 1] - r.block.offsets[r.idx], max_length) for r in refs], np.int64)
+    if packing:
+        bins = pack_bins(lens, max_length)
+        if rng is not None:
+            bins = [bins[k] for k in rng.permutation(len(bins))]
+    else:
+        bins = [[k] for k in range(len(refs))]
+    order = [k for b in bins for k in b]
+    ids_parts, lab_parts = [], []
+    for k in order:
+        r = refs[k]
+        a = int(r.block.offsets[r.idx])
+        ids = r.block.ids[a: a + lens[k]]
+        ids_parts.append(ids)
+        lab_parts.append(np.where(r.block.mask[a: a + lens[k]] > 0, ids, IGNORE).astype(np.int64))
+    ids = np.concatenate(ids_parts).astype(np.int64) if ids_parts else np.zeros(0, np.int64)
+    labels = np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.int64)
+    row_lens = np.array([lens[b].sum() if len(b) else 0 for b in bins], np.int64)
+    offsets = np.concatenate([[0], np.cumsum(row_lens)]).astype(np.int64)
+    position_ids = None
+    if packing:
+        ex_lens = lens[order]
+        starts = np.concatenate([[0], np.cumsum(ex_lens)[:-1]]) if len(ex_lens) else np.zeros(0, np.int64)
+        position_ids = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, ex_lens)
+    names = [[refs[k].name for k in b] for b in bins]
+    return FeatureRows(ids, labels, offsets, position_ids, names)
+
+
+def pack_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
+    """Best-fit decreasing: each example (longest first) goes into the fullest row it still fits."""
+    free: list[tuple[int, int]] = []  # sorted (room left, bin index)
+    bins: list[list[int]] = []
+    for i in np.argsort(-lengths, kind="stable"):
+        n = int(lengths[i])
+        k = bisect.bisect_left(free, (n, -1))
+        if k < len(free):
+            room, b = free.pop(k)
+        else:
+            room, b = capacity, len(bins)
+            bins.append([])
+        bins[b].append(int(i))
+        if room - n > 0:
+            bisect.insort(free, (room - n, b))
+    return bins
+
+
+class Collator:
+    """Features -> a batch of tensors, padded on the right to the longest row (or ``pad_to``).
+
+    Unpacked rows get an ``attention_mask``; packed rows get ``position_ids`` and no mask, so
+    transformers builds a block-diagonal causal mask from the position restarts (exact only with
+    ``use_cache=False``). Padding has labels -100 and, when packed, its own position run.
+    A batch without a single trainable label raises DataError naming its examples."""
+
+    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+        self.pad_token_id, self.pad_to = int(pad_token_id), pad_to
+
+    def __call__(self, features: list[dict]) -> dict:
+        import torch
+
+        packed = "position_ids" in features[0]
+        width = max(len(f["input_ids"]) for f in features)
+        if self.pad_to:
+            width = max(width, self.pad_to)
+        n = len(features)
+        ids = torch.full((n, width), self.pad_token_id, dtype=torch.long)
+        labels = torch.full((n, width), IGNORE, dtype=torch.long)
+        extra = torch.zeros((n, width), dtype=torch.long)
+        for i, f in enumerate(features):
+            k = len(f["input_ids"])
+            ids[i, :k] = torch.as_tensor(f["input_ids"], dtype=torch.long)
+            labels[i, :k] = torch.as_tensor(f["labels"], dtype=torch.long)
+            if packed:
+                extra[i, :k] = torch.as_tensor(f["position_ids"], dtype=torch.long)
+                extra[i, k:] = torch.arange(width - k)
+            else:
+                extra[i, :k] = 1
+        if not bool((labels[:, 1:] != IGNORE).any()):
+            names = [x for f in features for x in f.get("example_ids", [])] or [f"batch rows 0..{n - 1}"]
+            raise DataError(f"batch has no trainable label (all -100), examples: {', '.join(names[:8])}"
+                            f"{' ...' if len(names) > 8 else ''}; check train_on_inputs, max_length and the template")
+        out = {"input_ids": ids, "labels": labels}
+        out["position_ids" if packed else "attention_mask"] = extra
+        return out
+
+
+# == the pipeline =================================================================================
+@dataclass
+class _Part:
+    """One dataset entry of the recipe after loading, tokenizing and splitting."""
+
+    index: int
+    name: str
+    entry: dict
+    examples: list[Example]
+    n_train: int  # examples[:n_train] came as train, the rest as the dataset's own validation
+    own_validation: bool
+    skipped: dict[str, int]
+    fingerprint: str
+    block: TokenBlock | None = None
+    cache_hit: bool = False
+    train_idx: np.ndarray | None = None
+    val_idx: np.ndarray | None = None
+    dropped: dict[str, int] = field(default_factory=dict)
+    truncated: int = 0
+
+
+def data_seed(recipe: dict) -> int:
+    d = recipe["data"]
+    return int(d["seed"]) if d.get("seed") is not None else int(recipe.get("training", {}).get("seed", 42))
+
+
+def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedData:
+    """Call one dataset entry's loader factory with its options and a DataContext."""
+    d = recipe["data"]
+    comp = manager.get("dataset", entry["loader"])
+    ctx = DataContext(recipe_dir=str(Path(getattr(recipe, "path", None) or ".").resolve().parent),
+                      on_error=entry.get("on_error") or d.get("on_error", "raise"),
+                      streaming=bool(d.get("streaming")), seed=data_seed(recipe), tokenizer=tokenizer)
+    ctx.max_length = d.get("max_length", 512)  # for seed-style class loaders (loader_from_class)
+    loaded = comp.factory(dict(entry), ctx)
+    if not isinstance(loaded, LoadedData):
+        raise DataError(f"data.datasets[{i}]: loader {entry['loader']!r} returned {type(loaded).__name__}, "
+                        f"expected ftk.components.LoadedData")
+    return loaded
+
+
+def _render(examples: Iterable[Example], entry: dict, tokenizer, where: str) -> list[Example]:
+    out = []
+    for j, ex in enumerate(examples):
+        if entry.get("template") == "chat":
+            if not ex.messages:
+                raise DataError(f"{where}: loader {entry['loader']!r} gives no conversation form for example {j}; "
+                                f"template 'chat' needs one")
+            ex2 = render_chat(tokenizer, ex.messages, f"{where} example {j}")
+            ex2.meta = ex.meta
+            ex = ex2
+        if not any(s.train and s.text for s in ex.segments):
+            raise DataError(f"{where} example {j}: no trainable text (loader {entry['loader']!r})")
+        ex.source = entry["loader"]
+        out.append(ex)
+    return out
+
+
+def _split(n: int, size: float, rng: np.random.Generator) -> tuple[np.ndarray, np.ndarray]:
+    k = int(round(size * n)) if size < 1 else int(size)
+    k = min(k, max(n - 1, 0))
+    perm = rng.permutation(n)
+    return np.sort(perm[k:]), np.sort(perm[:k])
+
+
+def _mix(parts: list[_Part], mixing: str, balance_to: str, rng: np.random.Generator) -> list[_Ref]:
+    """Train examples of all datasets: concat, or balanced by weight (sampled, seeded)."""
+    pools = [[_Ref(p.block, int(k), f"{p.name}#{int(k)}") for k in p.train_idx] for p in parts]
+    if mixing == "balanced" and len(parts) > 1:
+        w = np.array([float(p.entry.get("weight", 1.0)) for p in parts])
+        sizes = np.array([len(x) for x in pools], float)
+        per_weight = (sizes / w)
+        base = per_weight.max() if balance_to == "largest" else per_weight.min()
+        chosen = []
+        for pool, wi in zip(pools, w):
+            want = int(round(wi * base))
+            if not pool:
+                continue
+            reps, rest = divmod(want, len(pool))
+            idx = [k for _ in range(reps) for k in range(len(pool))] + list(rng.permutation(len(pool))[:rest])
+            chosen.extend(pool[k] for k in idx)
+    else:
+        chosen = [r for pool in pools for r in pool]
+    return [chosen[k] for k in rng.permutation(len(chosen))]
+
+
+def _token_stats(lens: np.ndarray) -> dict:
+    """Token counts per example before truncation (BOS and EOS included)."""
+    if not len(lens):
+        return {"mean": 0.0, "p95": 0.0, "max": 0}
+    return {"mean": round(float(lens.mean()), 1), "p95": round(float(np.percentile(lens, 95)), 1),
+            "max": int(lens.max())}
+
+
+def _sum_counts(dicts: Iterable[dict]) -> dict:
+    out: dict[str, int] = {}
+    for dct in dicts:
+        for k, v in dct.items():
+            out[k] = out.get(k, 0) + v
+    return out
+
+
+def padding_waste(lengths: np.ndarray, batch_size: int, pad_to: int | None = None) -> float:
+    """Share of positions that are padding when rows are batched in order and padded to the
+    longest in each batch (or to ``pad_to``)."""
+    if not len(lengths):
+        return 0.0
+    total = 0
+    for a in range(0, len(lengths), batch_size):
+        b = lengths[a: a + batch_size]
+        total += len(b) * (pad_to or int(b.max()))
+    return round(1.0 - float(lengths.sum()) / total, 4)
+
+
+def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
+    """Load every dataset entry, render, tokenize (cached), split, mix, pack; see the module doc."""
+    d = recipe["data"]
+    prepare_tokenizer(tokenizer)
+    if d.get("streaming"):
+        return _prepare_streaming(recipe, tokenizer, manager, progress)
+    seed = data_seed(recipe)
+    max_length = int(d.get("max_length", 512))
+    parts: list[_Part] = []
+    for i, entry in enumerate(d["datasets"]):
+        where = f"data.datasets[{i}] ({entry['loader']})"
+        loaded = load_entry(i, entry, recipe, tokenizer, manager)
+        train = list(itertools.islice(loaded.train, entry.get("max_examples") or None))
+        val = loaded.validation
+        if val is not None and entry.get("max_examples"):
+            val = val[: entry["max_examples"]]
+        train = _render(train, entry, tokenizer, where)
+        val = _render(val, entry, tokenizer, where + " validation") if val else None
+        if not train:
+            raise DataError(f"{where}: no training examples"
+                            + (f" (skipped: {loaded.skipped})" if loaded.skipped else ""))
+        name = entry["loader"] if sum(e["loader"] == entry["loader"] for e in d["datasets"]) == 1 else f"{entry['loader']}[{i}]"
+        parts.append(_Part(index=i, name=name, entry=entry, examples=train + (val or []), n_train=len(train),
+                           own_validation=bool(val), skipped=dict(loaded.skipped), fingerprint=loaded.fingerprint))
+    for p in parts:
+        p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d.get("train_on_inputs", False), d, progress,
+                                               desc=f"tokenizing {p.name}")
+        lens = p.block.lengths
+        trainable = p.block.trainable_within(max_length)
+        too_long = lens > max_length
+        keep = trainable > 0
+        if d.get("truncation", "truncate") == "drop":
+            keep &= ~too_long
+            p.dropped["too_long"] = int(too_long.sum())
+        else:
+            p.truncated = int((too_long & keep).sum())
+        no_label = trainable <= 0
+        if d.get("truncation") == "drop":
+            no_label &= ~too_long
+        p.dropped["no_trainable_tokens"] = int(no_label.sum())
+        idx = np.arange(len(p.examples))
+        train_all, val_all = idx[: p.n_train], idx[p.n_train:]
+        if not p.own_validation and d.get("validation_size", 0):
+            rng = np.random.default_rng([seed, p.index])
+            t, v = _split(p.n_train, float(d["validation_size"]), rng)
+            train_all, val_all = train_all[t], train_all[v]
+        p.train_idx, p.val_idx = train_all[keep[train_all]], val_all[keep[val_all]]
+        if not len(p.train_idx):
+            bad = [f"{p.name}#{k}" for k in np.flatnonzero(no_label)[:5]]
+            raise DataError(f"data.datasets[{p.index}] ({p.name}): no example has a trainable label within "
+                            f"max_length {max_length} (e.g. {', '.join(bad) or 'all dropped as too long'}); "
+                            f"raise data.max_length or check the template")
+    rng = np.random.default_rng(seed)
+    train_refs = _mix(parts, d.get("mixing", "concat"), d.get("balance_to", "largest"), rng)
+    val_refs = [_Ref(p.block, int(k), f"{p.name}#{int(k)}") for p in parts for k in p.val_idx]
+    packing = bool(d.get("packing", True))
+    train_rows = build_rows(train_refs, max_length, packing, rng)
+    val_rows = build_rows(val_refs, max_length, packing, None)
+    val_unpacked = build_rows(val_refs, max_length, False, None) if packing else val_rows
+    pad_to = max_length if (d.get("pad_to_max_length") and not packing) else None
+    collator = Collator(tokenizer.pad_token_id, pad_to)
+    eval_pairs = [(p.examples[k].prompt, p.examples[k].reference) for p in parts for k in p.val_idx
+                  if p.examples[k].prompt is not None and p.examples[k].reference is not None]
+    stats = _stats(recipe, parts, train_refs, train_rows, val_rows, max_length)
+    fp = hashlib.sha256(json.dumps([[p.fingerprint, examples_digest(p.examples)] for p in parts]
+                                   + [tokenizer_fingerprint(tokenizer), seed, _settings(d)]).encode()).hexdigest()[:20]
+    prepared = PreparedData(train=train_rows, validation=val_rows, collator=collator, eval_pairs=eval_pairs,
+                            validation_unpacked=val_unpacked, stats=stats, fingerprint=fp)
+    prepared.examples = {p.name: p.examples for p in parts}  # for preview
+    prepared.train_refs = train_refs
+    return prepared
+
+
+def _settings(d: dict) -> dict:
+    keys = ("mixing", "balance_to", "max_length", "validation_size", "train_on_inputs", "packing",
+            "pad_to_max_length", "truncation", "on_error")
+    return {k: d.get(k) for k in keys} | {"datasets": d["datasets"]}
+
+
+def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
+    d = recipe["data"]
+    bs = int(recipe.get("training", {}).get("batch_size", 4))
+    per = []
+    for p in parts:
+        lens = p.block.lengths
+        per.append({
+            "name": p.name, "loader": p.entry["loader"],
+            "examples": {"train": int(len(p.train_idx)), "validation": int(len(p.val_idx))},
+            "validation_from": "own split" if p.own_validation else (
+                f"validation_size {d.get('validation_size')}" if d.get("validation_size") else "none"),
+            "tokens": _token_stats(lens),
+            "truncated": p.truncated, "dropped": {k: v for k, v in p.dropped.items()},
+            "skipped": dict(p.skipped), "cache": "hit" if p.cache_hit else "miss",
+        })
+    sampled: dict[str, int] = {}
+    for r in train_refs:
+        src = r.name.rsplit("#", 1)[0]
+        sampled[src] = sampled.get(src, 0) + 1
+    ex_lens = np.array([min(int(r.block.offsets[r.idx + 1] - r.block.offsets[r.idx]), max_length)
+                        for r in train_refs], np.int64)
+    all_lens = np.concatenate([p.block.lengths for p in parts])
+    return {
+        "datasets": per,
+        "train": {"examples": len(train_refs), "per_dataset": sampled, "rows": len(train_rows),
+                  "tokens": int(train_rows.lengths.sum()),
+                  "trainable_tokens": int((train_rows.labels != IGNORE).sum())},
+        "validation": {"examples": int(sum(len(p.val_idx) for p in parts)), "rows": len(val_rows)},
+        "tokens": _token_stats(all_lens),
+        "truncated": sum(p.truncated for p in parts),
+        "dropped": {k: sum(p.dropped.get(k, 0) for p in parts) for k in ("too_long", "no_trainable_tokens")},
+        "skipped": _sum_counts(p.skipped for p in parts),
+        "padding_waste": {  # batches of training.batch_size in order
+            "unpacked": padding_waste(ex_lens, bs),
+            "unpacked_pad_to_max_length": padding_waste(ex_lens, bs, max_length),
+            "packed": padding_waste(train_rows.lengths, bs),
+        },
+        "settings": {"max_length": max_length, "packing": bool(d.get("packing", True)),
+                     "mixing": d.get("mixing", "concat"), "train_on_inputs": bool(d.get("train_on_inputs")),
+                     "batch_size": bs},
+    }
+
+
+# == streaming ====================================================================================
+STREAM_CHUNK = 1024  # examples tokenized (and packed) together while streaming
+STREAM_DEFAULT_VALIDATION = 100
+
+
+def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) -> PreparedData:
+    """Streaming: datasets are read lazily and tokenized/packed chunk by chunk (no cache, no
+    balanced mixing). Validation is the dataset's own split, else the first ``validation_size``
+    examples of the stream (a count; a fraction cannot be taken of an unknown length, so the first
+    100 are held out)."""
+    d = recipe["data"]
+    max_length, packing = int(d.get("max_length", 512)), bool(d.get("packing", True))
+    streams, val_parts = [], []
+    for i, entry in enumerate(d["datasets"]):
+        where = f"data.datasets[{i}] ({entry['loader']})"
+        loaded = load_entry(i, entry, recipe, tokenizer, manager)
+        it = iter(loaded.train)
+        if entry.get("max_examples"):
+            it = itertools.islice(it, entry["max_examples"])
+        vs = d.get("validation_size") or 0
+        if loaded.validation:
+            val = list(loaded.validation)
+        else:
+            val = list(itertools.islice(it, int(vs) if vs >= 1 else (STREAM_DEFAULT_VALIDATION if vs else 0)))
+        name = f"{entry['loader']}[{i}]" if len(d["datasets"]) > 1 else entry["loader"]
+        streams.append((name, entry, it, loaded, where))
+        val = _render(val, entry, tokenizer, where + " validation")
+        if val:
+            blk = tokenize_examples(val, tokenizer, d.get("train_on_inputs", False), False)
+            keep = np.flatnonzero(blk.trainable_within(max_length) > 0)
+            val_parts.append((name, val, blk, keep))
+    val_refs = [_Ref(blk, int(k), f"{name}#v{int(k)}") for name, _, blk, keep in val_parts for k in keep]
+    val_rows = build_rows(val_refs, max_length, packing, None)
+    counters = {"examples": 0, "dropped": {}, "truncated": 0}
+
+    def generate():
+        for name, entry, it, loaded, where in streams:
+            n = 0
+            while True:
+                chunk = list(itertools.islice(it, STREAM_CHUNK))
+                if not chunk:
+                    break
+                exs = _render(chunk, entry, tokenizer, where)
+                blk = tokenize_examples(exs, tokenizer, d.get("train_on_inputs", False), False)
+                trainable, lens = blk.trainable_within(max_length), blk.lengths
+                keep = trainable > 0
+                if d.get("truncation") == "drop":
+                    keep &= lens <= max_length
+                counters["truncated"] += int(((lens > max_length) & keep).sum())
+                counters["dropped"]["not_kept"] = counters["dropped"].get("not_kept", 0) + int((~keep).sum())
+                refs = [_Ref(blk, int(k), f"{name}#{n + int(k)}") for k in np.flatnonzero(keep)]
+                counters["examples"] += len(refs)
+                n += len(exs)
+                rows = build_rows(refs, max_length, packing, np.random.default_rng([data_seed(recipe), n]))
+                yield from rows
+
+    import torch
+
+    class _Stream(torch.utils.data.IterableDataset):
+        def __iter__(self):
+            return generate()
+
+    stats = {"streaming": True, "validation": {"examples": len(val_refs), "rows": len(val_rows)},
+             "train": counters, "skipped": _sum_counts(s[3].skipped for s in streams),
+             "settings": {"max_length": max_length, "packing": packing}}
+    pad_to = max_length if (d.get("pad_to_max_length") and not packing) else None
+    fp = hashlib.sha256(json.dumps([[s[3].fingerprint for s in streams], tokenizer_fingerprint(tokenizer),
+                                    _settings(d)]).encode()).hexdigest()[:20]
+    return PreparedData(train=_Stream(), validation=val_rows, collator=Collator(tokenizer.pad_token_id, pad_to),
+                        eval_pairs=[(e.prompt, e.reference) for _, val, _, keep in val_parts for e in
+                                    (val[k] for k in keep) if e.prompt is not None and e.reference is not None],
+                        validation_unpacked=build_rows(val_refs, max_length, False, None) if packing else val_rows,
+                        stats=stats, fingerprint=fp)
