@@ -121,8 +121,9 @@ def load_dataset(manager: FtkPluginManager, options: dict, *, base_dir: str | os
 def make_metric(manager: FtkPluginManager, spec: str | dict):
     """Build a metric the way ftk does from an ``evaluation.metrics`` entry (a name, or
     ``{"name": ..., options...}``), its options validated and defaults filled."""
-    entry = _validated(manager, "metric", spec, None)
-    return manager.get("metric", entry["name"]).factory(entry)
+    entry = dict(_validated(manager, "metric", spec, None))
+    name = entry.pop("name")  # ftk passes the options without the name
+    return manager.get("metric", name).factory(entry)
 
 
 # -- a tiny model, built offline --------------------------------------------------------------------
