@@ -21,7 +21,7 @@ Fixtures
                    (a few optimizer steps on ``tiny_model``) in a temporary folder -> :class:`TinyRun`
 
 Plain functions for use outside fixtures: :func:`make_manager`, :func:`load_dataset`,
-:func:`make_metric`, :func:`tiny_recipe`, :func:`build_tiny_model`.
+:func:`make_metric`, :func:`tiny_recipe`, :func:`build_tiny_model`, :func:`find_values`.
 
 This module imports pytest; torch and transformers load only when a model is built or a run starts.
 """
@@ -40,7 +40,8 @@ from ftk.manager import FtkPluginManager, PluginRecord
 
 __all__ = [
     "fresh_manager", "register_plugin", "tiny_model", "run_tiny_recipe",
-    "make_manager", "load_dataset", "make_metric", "tiny_recipe", "build_tiny_model", "TinyRun",
+    "make_manager", "register_on", "load_dataset", "make_metric", "tiny_recipe", "build_tiny_model",
+    "find_values", "TinyRun",
 ]
 
 
@@ -211,6 +212,16 @@ def tiny_recipe(model: str | os.PathLike, datasets: list[dict], metrics: list | 
         "output_dir": str(output_dir),
     }
     return _deep_merge(recipe, sections)
+
+
+def find_values(obj: Any, key: str) -> list:
+    """Every value stored under ``key`` anywhere in a nested result (e.g. ``metrics.json``), so a
+    test can check its metric without depending on how ftk groups the results."""
+    if isinstance(obj, dict):
+        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in find_values(v, key)]
+    if isinstance(obj, list):
+        return [x for v in obj for x in find_values(v, key)]
+    return []
 
 
 @dataclass

@@ -14,6 +14,7 @@ from pathlib import Path
 import pytest
 
 from conftest import MODEL_DIR, ROOT
+from ftk.testing import find_values
 
 EXAMPLE = ROOT / "examples" / "ftk-sharegpt"
 SAMPLE = EXAMPLE / "tests" / "data" / "sample_sharegpt.json"
@@ -150,19 +151,13 @@ def test_short_run_with_the_plugin(python, tmp_path):
     assert p.returncode == 0, p.stderr[-3000:]
     out = tmp_path / "run"
     metrics = json.loads((out / "metrics.json").read_text())
-    found = _find(metrics, "distinct_1") + _find(metrics, "distinct_2")
+    found = find_values(metrics, "distinct_1") + find_values(metrics, "distinct_2")
     assert found and all(0.0 <= v <= 1.0 for v in found)
-    assert _find(metrics, "exact_match")
+    assert find_values(metrics, "exact_match")
     manifest = json.loads((out / "manifest.json").read_text())
     assert "ftk-sharegpt==0.1.0" in manifest["plugins"]
 
 
-def _find(obj, key):
-    if isinstance(obj, dict):
-        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in _find(v, key)]
-    if isinstance(obj, list):
-        return [x for v in obj for x in _find(v, key)]
-    return []
 
 
 def test_uninstall_removes_it(python, tmp_path):

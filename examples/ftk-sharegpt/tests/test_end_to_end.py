@@ -5,6 +5,7 @@ from pathlib import Path
 import pytest
 
 import ftk_sharegpt.plugin
+from ftk.testing import find_values
 
 DATA = Path(__file__).parent / "data"
 
@@ -20,14 +21,12 @@ def test_tiny_run_with_sharegpt_and_distinct_n(register_plugin, run_tiny_recipe,
     text = (run.output_dir / "metrics.json").read_text()
     for key in ("distinct_1", "distinct_2", "exact_match"):
         assert f'"{key}"' in text
-    vals = _find(run.metrics, "distinct_1")
+    vals = find_values(run.metrics, "distinct_1")
     assert vals and all(0.0 <= v <= 1.0 for v in vals)
+    # the evaluation prompts were rendered the way the recipe asked
+    prompts = find_values(run.metrics, "prompt")
+    assert prompts
+    marker = "<|assistant|>" if template == "chat" else "Assistant: "
+    assert all(p.endswith(marker) or p.rstrip().endswith(marker.strip()) for p in prompts), prompts
 
 
-def _find(obj, key):
-    """Every value stored under ``key`` anywhere in a nested result."""
-    if isinstance(obj, dict):
-        return [v for k, v in obj.items() if k == key] + [x for v in obj.values() for x in _find(v, key)]
-    if isinstance(obj, list):
-        return [x for v in obj for x in _find(v, key)]
-    return []
