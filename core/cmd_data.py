@@ -3,6 +3,7 @@ tokenizer, never the model; heavy imports happen inside the commands."""
 from __future__ import annotations
 
 import json
+import sys
 
 import click
 
@@ -91,7 +92,7 @@ def preview(recipe, n, as_json, overrides):
     if as_json:
         click.echo(json.dumps(items, indent=1, ensure_ascii=False))
         return
-    color = click.get_text_stream("stdout").isatty()
+    color = sys.stdout.isatty()
     for it in items:
         trained = sum(lab != -100 for lab in it["labels"])
         click.echo(f"=== {it['example']} ({it['source']}): {len(it['input_ids'])} tokens, {trained} trained")

@@ -23,6 +23,8 @@ SCHEMA = {
         "speakers": {"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 2, "maxItems": 2,
                      "default": ["User", "Assistant"],
                      "description": "Labels of the first and the responding speaker in the default format."},
+        "labels": {"type": "boolean", "default": True,
+                   "description": "Read the act/emotion label files (checked against the text, kept as metadata)."},
         "subset": {"type": ["string", "null"], "default": None, "description": "Hub dataset configuration name."},
         "revision": {"type": ["string", "null"], "default": None, "description": "Hub dataset revision."},
     },
@@ -133,10 +135,12 @@ def _native_sources(path):
     return found
 
 
-def _read_split(src, policy, mode, speakers):
+def _read_split(src, policy, mode, speakers, use_labels=True):
     from ftk.data import BadRecord
 
     split, text_m, act_m, emo_m, opener, prefix = src
+    if not use_labels:
+        act_m = emo_m = None
     lines = opener(text_m).splitlines()
     labels = {}
     for name, m in (("acts", act_m), ("emotions", emo_m)):
@@ -177,7 +181,7 @@ def load(options, ctx):
         srcs = _native_sources(path)
         by_split = {}
         for s in srcs:
-            by_split.setdefault(s[0], []).extend(_read_split(s, policy, mode, speakers))
+            by_split.setdefault(s[0], []).extend(_read_split(s, policy, mode, speakers, options.get("labels", True)))
         train = by_split.get("train") or by_split.get("text")
         if train is None:
             raise DataError(f"{path}: no training split (found {', '.join(sorted(by_split))})")
