@@ -2,6 +2,7 @@
 the report and the eval/generate commands."""
 from __future__ import annotations
 
+import copy
 import json
 import math
 import subprocess
@@ -195,8 +196,6 @@ def manager():
 
 @pytest.fixture
 def peft_model(model):
-    import copy
-
     from peft import LoraConfig, get_peft_model
 
     pm = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj", "v_proj"]))
@@ -312,3 +311,44 @@ def test_command_help_and_usage_errors():
         assert all(w in out for w in words), out
     p = subprocess.run([sys.executable, "-m", "ftk", "generate", "hello"], capture_output=True, text=True)
     assert p.returncode == 2 and p.stderr.strip() == "error: generate: give --adapter DIR or --base MODEL"
+
+
+# -- ftk eval on a real recipe, 4-bit NF4 model -----------------------------------------------------
+def test_eval_command_4bit_base_then_adapter(tmp_path, model):
+    from click.testing import CliRunner
+    from peft import LoraConfig, get_peft_model
+
+    from conftest import ALPACA
+
+    from ftk.cmd_eval import eval_cmd
+
+    recipe = {"model": {"name": str(MODEL_DIR), "quantization": {"method": "nf4", "compute_dtype": "float32"}},
+              "data": {"datasets": [{"loader": "alpaca", "path": str(ALPACA), "max_examples": 40}],
+                       "validation_size": 6, "cache": False},
+              "training": {"batch_size": 3, "precision": "fp32"},
+              "evaluation": {"metrics": ["perplexity", "bleu"], "max_samples": 2,
+                             "generation": {"max_new_tokens": 6, "num_beams": 1}}}
+    path = tmp_path / "r.json"
+    path.write_text(json.dumps(recipe))
+    adapter = get_peft_model(copy.deepcopy(model), LoraConfig(r=4, target_modules=["q_proj", "v_proj"]))
+    with torch.no_grad():
+        for name, p in adapter.named_parameters():
+            if "lora_B" in name:
+                p.fill_(0.05)
+    adapter.save_pretrained(tmp_path / "adapter")
+
+    run = CliRunner()
+    base = run.invoke(eval_cmd, [str(path), "--json"], catch_exceptions=False)
+    assert base.exit_code == 0, base.output
+    base = json.loads(base.stdout)
+    assert set(base) == {"base", "adapter"} and base["adapter"] is None
+    both = run.invoke(eval_cmd, [str(path), "--adapter", str(tmp_path / "adapter"), "--json",
+                                 "--out", str(tmp_path / "ev")], catch_exceptions=False)
+    assert both.exit_code == 0, both.output
+    both = json.loads(both.stdout)
+    # the adapter-disabled pass is the same 4-bit base model: identical numbers
+    assert both["base"]["perplexity"] == pytest.approx(base["base"]["perplexity"], rel=1e-6)
+    assert both["finetuned"]["perplexity"] != pytest.approx(base["base"]["perplexity"], rel=1e-3)
+    assert both["base"]["eval_samples"] == 2 and base["base"]["eval_tokens"] > 0
+    assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["finetuned"] == both["finetuned"]
+    assert "| perplexity |" in (tmp_path / "ev" / "report.md").read_text()
