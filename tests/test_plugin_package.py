@@ -137,12 +137,27 @@ def test_requires_plugins(python, tmp_path):
 
 
 def test_data_preview_with_the_plugin(python, tmp_path):
-    p = ftk(python, "data", "preview", str(write_recipe(tmp_path)))
+    recipe = str(write_recipe(tmp_path))
+    p = ftk(python, "data", "preview", "-n", "3", recipe)
     assert p.returncode == 0, p.stderr
-    replies = [t["value"] for r in json.loads(SAMPLE.read_text()) for t in r["conversations"] if t["from"] == "gpt"]
-    assert any(r in p.stdout for r in replies), p.stdout[:2000]
     # rendered with the plugin's plain template: speakers mapped, never the raw ShareGPT names
-    assert "Assistant: " in p.stdout and not re.search(r"\b(?:human|gpt)\s*:", p.stdout)
+    assert "Assistant:" in p.stdout and not re.search(r"\b(?:human|gpt)\s*:", p.stdout)
+    p = ftk(python, "data", "preview", "-n", "3", "--json", recipe)
+    assert p.returncode == 0, p.stderr
+    shown = json.loads(p.stdout)
+    assert len(shown) == 3
+    from transformers import AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(MODEL_DIR)
+    convs = [r["conversations"] for r in json.loads(SAMPLE.read_text())]
+    for item in shown:
+        conv = next(c for c in convs if c[-2]["value"] in item["text"] or c[0]["value"] in item["text"])
+        trained = tok.decode([i for i, lab in zip(item["input_ids"], item["labels"]) if lab != -100])
+        # loss on the assistant turns only: the first reply is trained, no user/system text is
+        assert next(t["value"] for t in conv if t["from"] == "gpt") in trained
+        for t in conv:
+            if t["from"] != "gpt":
+                assert t["value"] not in trained
 
 
 def test_short_run_with_the_plugin(python, tmp_path):
