@@ -198,7 +198,9 @@ def load_model(recipe: dict, manager, tokenizer):
               f"quantization {qmethod}", flush=True)
         for n in notes:
             print(f"note: {n}", flush=True)
-    quantized = sum(1 for mod in model.modules() if type(mod).__name__ in ("Linear4bit", "Linear8bitLt"))
+    # bitsandbytes' own layers only (PEFT's LoRA wrappers reuse the class names)
+    quantized = sum(1 for mod in model.modules() if type(mod).__module__.startswith("bitsandbytes")
+                    and type(mod).__name__ in ("Linear4bit", "Linear8bitLt"))
     info = {
         "name": m["name"],
         "model_type": config.model_type,

@@ -1,0 +1,202 @@
+"""The Python API of the seed: config dataclasses that map one-to-one onto recipe sections, and
+``LLAMATrainer``. Everything goes through ``ftk.recipe.load_recipe(data=...)``, so a config made here is
+validated exactly like a recipe file (same errors, same defaults)::
+
+    from ftk.api import LLAMATrainer, ModelConfig, DataConfig, TrainingConfig
+
+    t = LLAMATrainer(model_config=ModelConfig(name="../shared/models/stories260K"),
+                     data_config=DataConfig(datasets=[{"loader": "alpaca", "path": "alpaca_sample.json"}]),
+                     training_config=TrainingConfig(max_steps=20), output_dir="runs/api")
+    t.train()
+    print(t.evaluate(test_prompts=["Name three colors."]))
+"""
+from __future__ import annotations
+
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from ftk.errors import FtkError
+
+
+@dataclass
+class ModelConfig:
+    name: str = ""
+    quantization: str = "nf4"  # quantizer plugin: nf4, fp4, int8, none
+    nested: bool = True  # 4-bit only: double quantization
+    compute_dtype: str = "auto"  # 4-bit only
+    quantization_options: dict = field(default_factory=dict)  # any other quantizer option
+    revision: str | None = None
+    cache_dir: str | None = None
+    trust_remote_code: bool = False
+    allow_pickle: bool = False
+    attn_implementation: str = "sdpa"
+    gradient_checkpointing: bool = False
+
+    def to_recipe(self) -> dict:
+        if not self.name:
+            raise FtkError("ModelConfig.name: a local model folder or hub id is required")
+        d = asdict(self)
+        q = {"method": d.pop("quantization"), **d.pop("quantization_options")}
+        nested, cdt = d.pop("nested"), d.pop("compute_dtype")
+        if q["method"] in ("nf4", "fp4"):
+            q.setdefault("nested", nested)
+            q.setdefault("compute_dtype", cdt)
+        d["quantization"] = q
+        return d
+
+
+@dataclass
+class LoRAConfig:
+    r: int = 8
+    alpha: float = 16
+    dropout: float = 0.05
+    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
+    bias: str = "none"
+    use_rslora: bool = False
+    use_dora: bool = False
+    modules_to_save: list[str] | None = None
+    method: str = "lora"
+
+    def to_recipe(self) -> dict:
+        return asdict(self)
+
+
+@dataclass
+class DataConfig:
+    datasets: list[dict] = field(default_factory=list)  # e.g. [{"loader": "alpaca", "path": "..."}]
+    max_length: int = 512
+    validation_size: float = 0.05
+    mixing: str = "concat"
+    packing: bool = True
+    train_on_inputs: bool = False
+    options: dict = field(default_factory=dict)  # any other key of the recipe's data section
+
+    def to_recipe(self) -> dict:
+        d = asdict(self)
+        return {**d.pop("options"), **d}
+
+
+@dataclass
+class TrainingConfig:
+    epochs: float = 3
+    max_steps: int = -1
+    batch_size: int = 4
+    gradient_accumulation_steps: int = 4
+    learning_rate: float = 2e-4
+    weight_decay: float = 0.01
+    warmup_ratio: float = 0.03
+    max_grad_norm: float = 0.3
+    lr_scheduler: str = "cosine"
+    optimizer: str = "paged_adamw_32bit"
+    precision: str = "auto"
+    seed: int = 42
+    save_steps: int | None = None
+    save_total_limit: int | None = 2
+    logging_steps: int = 1
+    eval_steps: int | None = None
+    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    options: dict = field(default_factory=dict)  # any other key of the recipe's training section
+
+    def to_recipe(self) -> dict:
+        d = asdict(self)
+        return {**d.pop("options"), **d}
+
+
+@dataclass
+class EvalConfig:
+    metrics: list = field(default_factory=lambda: ["perplexity", "bleu", "rouge"])
+    max_samples: int = 50
+    compare_base: bool = True
+    num_examples_in_report: int = 5
+    generation: dict = field(default_factory=dict)  # max_new_tokens, num_beams, temperature, top_p, ...
+
+    def to_recipe(self) -> dict:
+        return asdict(self)
+
+
+class LLAMATrainer:
+    """Train and evaluate one adapter. ``recipe`` holds the resolved recipe (what recipe.json records)."""
+
+    def __init__(self, model_config: ModelConfig, lora_config: LoRAConfig | None = None,
+                 data_config: DataConfig | None = None, training_config: TrainingConfig | None = None,
+                 eval_config: EvalConfig | None = None, output_dir: str = "runs/ftk", manager=None,
+                 overwrite: bool = False):
+        from ftk.manager import get_manager
+        from ftk.recipe import load_recipe
+
+        if data_config is None or not data_config.datasets:
+            raise FtkError("DataConfig.datasets: at least one dataset is required, e.g. "
+                           "[{\"loader\": \"alpaca\", \"path\": \"data.json\"}]")
+        self.manager = manager or get_manager()
+        raw = {
+            "model": model_config.to_recipe(),
+            "adapter": (lora_config or LoRAConfig()).to_recipe(),
+            "data": data_config.to_recipe(),
+            "training": (training_config or TrainingConfig()).to_recipe(),
+            "evaluation": (eval_config or EvalConfig()).to_recipe(),
+            "output_dir": str(output_dir),
+        }
+        self.recipe = load_recipe(data=raw, manager=self.manager)
+        self.output_dir = Path(self.recipe["output_dir"])
+        self.overwrite = overwrite
+        self.model = self.tokenizer = self.prepared = None
+        self.model_info: dict = {}
+        self.metrics: dict = {}
+
+    def _prepare(self):
+        if self.model is None:
+            from ftk import data, model
+
+            self.tokenizer = model.load_tokenizer(self.recipe)
+            self.prepared = data.prepare_data(self.recipe, self.tokenizer, self.manager)
+            self.model, self.model_info = model.load_model(self.recipe, self.manager, self.tokenizer)
+
+    def train(self, resume: str | None = None) -> dict:
+        """Train; writes OUTPUT_DIR/adapter, recipe.json, metrics.json, logs. Returns the training metrics."""
+        from ftk.io import atomic_write_json
+        from ftk.run import check_output_dir, is_main_process, redact
+        from ftk.train import train
+
+        check_output_dir(str(self.output_dir), resume, self.overwrite)
+        if self.overwrite and not resume and self.output_dir.exists() and is_main_process():
+            import shutil
+
+            shutil.rmtree(self.output_dir)
+        self._prepare()
+        if is_main_process():
+            self.output_dir.mkdir(parents=True, exist_ok=True)
+            atomic_write_json(self.output_dir / "recipe.json", redact(dict(self.recipe)))
+        self.metrics["train"] = train(self.model, self.tokenizer, self.prepared, self.recipe, self.manager,
+                                      str(self.output_dir), resume=resume)
+        if is_main_process():
+            atomic_write_json(self.output_dir / "metrics.json", self.metrics)
+        return self.metrics["train"]
+
+    def evaluate(self, test_prompts: list[str] | None = None, test_references: list[str] | None = None) -> dict:
+        """Without prompts: the run's evaluation (validation perplexity, generation metrics, base vs
+        fine-tuned) as ``ftk run`` does it. With prompts: generations (and BLEU/ROUGE against
+        ``test_references`` when given) with the recipe's generation settings."""
+        from ftk import evaluate as ev
+
+        self._prepare()
+        if test_prompts is None:
+            res = ev.evaluate_run(self.model, self.tokenizer, self.prepared, self.recipe, self.manager,
+                                  str(self.output_dir))
+            self.metrics.update(res)
+            from ftk.io import atomic_write_json
+
+            atomic_write_json(self.output_dir / "metrics.json", self.metrics)
+            return res
+        prompts = list(test_prompts)
+        if test_references is not None and len(test_references) != len(prompts):
+            raise FtkError(f"evaluate: {len(prompts)} test_prompts but {len(test_references)} test_references")
+        gen = ev.generation_settings(self.recipe)
+        q = ev.QualitativeEvaluator(self.model, self.tokenizer, self.manager)
+        preds = q.generate(prompts, max_length=gen.get("max_new_tokens", 256),
+                           **{k: v for k, v in gen.items() if k != "max_new_tokens"})
+        out: dict[str, Any] = {"predictions": preds}
+        if test_references is not None:
+            out["bleu"] = q.compute_bleu(list(test_references), preds)
+            out.update(q.compute_rouge(list(test_references), preds))
+        return out
