@@ -226,3 +226,37 @@ def test_broken_plugin_is_listed_with_its_error_and_breaks_nothing_else(broken_s
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "data.datasets[0].loader: unknown dataset 'sharegpt'" in p.stderr
     assert "sharegpt_broken (package ftk-sharegpt-broken): import failed" in p.stderr
+
+
+# -- the tutorial, followed literally -------------------------------------------------------------
+def tutorial_files() -> dict[str, str]:
+    text = (ROOT / "docs" / "plugins" / "tutorial.md").read_text()
+    return dict(re.findall(r"<!-- file: (\S+) -->\n```\w*\n(.*?)```", text, re.S))
+
+
+def test_tutorial_package_from_an_empty_folder(python, tmp_path):
+    files = tutorial_files()
+    assert {"ftk-qa/pyproject.toml", "ftk-qa/ftk_qa/plugin.py", "qa-recipe.json", "ftk-qa/tests/test_plugin.py"} <= set(files)
+    for rel, content in files.items():
+        (tmp_path / rel).parent.mkdir(parents=True, exist_ok=True)
+        (tmp_path / rel).write_text(content.replace("../shared/models/stories260K", str(MODEL_DIR)))
+    # its own tests pass before it is installed (ftk.testing registers it in-process)
+    p = subprocess.run([str(python), "-m", "pytest", "-q", "-p", "no:cacheprovider"], cwd=tmp_path / "ftk-qa",
+                       capture_output=True, text=True)
+    assert p.returncode == 0 and "3 passed" in p.stdout, p.stdout + p.stderr
+    _pip(python, "install", "--no-deps", "--no-build-isolation", str(tmp_path / "ftk-qa"))
+    try:
+        rec = plugins_json(python)["qa"]
+        assert (rec["package"], rec["status"], rec["provides"]) == ("ftk-qa", "ok", ["dataset:qa", "metric:answer_length"])
+        recipe = str(tmp_path / "qa-recipe.json")
+        p = ftk(python, "validate", recipe)
+        assert p.returncode == 0 and "valid" in p.stdout, p.stderr
+        p = ftk(python, "data", "preview", "-n", "1", recipe)
+        assert p.returncode == 0 and "[[<s> Question: " in p.stdout, p.stdout + p.stderr
+        p = ftk(python, "validate", recipe, "--set", "data.datasets.0.prefx=x")
+        assert p.returncode == 2
+        assert "data.datasets[0].prefx: unknown key 'prefx' (did you mean 'prefix'?)" in p.stderr
+    finally:
+        _pip(python, "uninstall", "-y", "ftk-qa")
+    p = ftk(python, "validate", recipe)
+    assert "requires_plugins[0]: plugin package 'ftk-qa' is not installed (pip install 'ftk-qa>=0.1')" in p.stderr
