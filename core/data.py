@@ -10,6 +10,7 @@ never from pad ids, so the EOS a model must learn to emit is never masked.
 from __future__ import annotations
 
 import bisect
+import functools
 import csv
 import hashlib
 import io
@@ -205,6 +206,7 @@ def field_str(rec: Any, key: str, *, required: bool = True, allow_empty: bool = 
 
 
 # == prompt formats ===============================================================================
+@functools.lru_cache(maxsize=64)
 def _split_template(template: str) -> tuple[str, str]:
     """Split a template at ``{output}``: the part before is the prompt, the rest is trained."""
     names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
@@ -223,7 +225,12 @@ def instruction_example(fields: dict, template: str | None = None) -> Example:
     head, tail = _split_template(template)
     values = {**fields, "input": inp}
     try:
-        prompt, response = head.format_map(values), tail.format_map(values)
+        if template is ALPACA_TEMPLATE or template is ALPACA_TEMPLATE_NO_INPUT:  # fast path, same text
+            prompt = (f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{inp}\n\n" if inp.strip() else "")
+                      + "### Response:\n")
+            response = output
+        else:
+            prompt, response = head.format_map(values), tail.format_map(values)
     except KeyError as e:
         raise BadRecord("template_field", f"template uses field {e.args[0]!r} that the record does not have") from None
     except (ValueError, IndexError) as e:
@@ -503,14 +510,15 @@ def _npy_bytes(arr: np.ndarray) -> bytes:
 
 
 def cached_tokenize(examples: list[Example], tokenizer, train_on_inputs: bool, data_cfg: dict,
-                    progress: bool | None = None, desc: str = "tokenizing") -> tuple[TokenBlock, bool]:
+                    progress: bool | None = None, desc: str = "tokenizing",
+                    digest: str | None = None) -> tuple[TokenBlock, bool]:
     """Tokenize through the cache: (block, hit). Keyed by the rendered examples (which already
     reflect data, loader options and template), the tokenizer and train_on_inputs."""
     if not data_cfg.get("cache", True):
         return tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc), False
     from ftk.io import atomic_write_bytes, atomic_write_json
 
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, examples_digest(examples), tokenizer_fingerprint(tokenizer),
+    key = hashlib.sha256(json.dumps([CACHE_VERSION, digest or examples_digest(examples), tokenizer_fingerprint(tokenizer),
                                      bool(train_on_inputs)]).encode()).hexdigest()[:24]
     d = cache_root(data_cfg) / key
     if (d / "done.json").exists():
@@ -582,35 +590,49 @@ class _Ref:
     name: str
 
 
+def _ref_spans(refs: list[_Ref]):
+    """Concatenated ids/mask of the blocks refs point into, and each ref's start and full length there."""
+    blocks, where = [], {}
+    for r in refs:
+        if id(r.block) not in where:
+            where[id(r.block)] = len(blocks)
+            blocks.append(r.block)
+    bid = np.fromiter((where[id(r.block)] for r in refs), np.int64, len(refs))
+    idx = np.fromiter((r.idx for r in refs), np.int64, len(refs))
+    base = np.concatenate([[0], np.cumsum([len(b.ids) for b in blocks])]).astype(np.int64)
+    starts, full = np.zeros(len(refs), np.int64), np.zeros(len(refs), np.int64)
+    for k, b in enumerate(blocks):
+        sel = bid == k
+        starts[sel] = base[k] + b.offsets[idx[sel]]
+        full[sel] = b.offsets[idx[sel] + 1] - b.offsets[idx[sel]]
+    ids = np.concatenate([b.ids for b in blocks]) if len(blocks) > 1 else (blocks[0].ids if blocks else np.zeros(0, np.int32))
+    mask = np.concatenate([b.mask for b in blocks]) if len(blocks) > 1 else (blocks[0].mask if blocks else np.zeros(0, np.uint8))
+    return ids, mask, starts, full
+
+
 def build_rows(refs: list[_Ref], max_length: int, packing: bool, rng: np.random.Generator | None = None) -> FeatureRows:
     """Rows from examples (truncated to max_length). Packing: best-fit-decreasing bins of at most
     max_length tokens, position_ids restarting per example, bins in seeded random order."""
-    lens = np.array([min(r.block.offsets[r.idx + 1] - r.block.offsets[r.idx], max_length) for r in refs], np.int64)
+    all_ids, all_mask, starts, full = _ref_spans(refs)
+    lens = np.minimum(full, max_length)
     if packing:
         bins = pack_bins(lens, max_length)
         if rng is not None:
             bins = [bins[k] for k in rng.permutation(len(bins))]
     else:
         bins = [[k] for k in range(len(refs))]
-    order = [k for b in bins for k in b]
-    ids_parts, lab_parts = [], []
-    for k in order:
-        r = refs[k]
-        a = int(r.block.offsets[r.idx])
-        ids = r.block.ids[a: a + lens[k]]
-        ids_parts.append(ids)
-        lab_parts.append(np.where(r.block.mask[a: a + lens[k]] > 0, ids, IGNORE).astype(np.int64))
-    ids = np.concatenate(ids_parts).astype(np.int64) if ids_parts else np.zeros(0, np.int64)
-    labels = np.concatenate(lab_parts) if lab_parts else np.zeros(0, np.int64)
-    row_lens = np.array([lens[b].sum() if len(b) else 0 for b in bins], np.int64)
-    offsets = np.concatenate([[0], np.cumsum(row_lens)]).astype(np.int64)
-    position_ids = None
-    if packing:
-        ex_lens = lens[order]
-        starts = np.concatenate([[0], np.cumsum(ex_lens)[:-1]]) if len(ex_lens) else np.zeros(0, np.int64)
-        position_ids = np.arange(len(ids), dtype=np.int64) - np.repeat(starts, ex_lens)
+    order = np.fromiter((k for b in bins for k in b), np.int64, len(refs))
+    ex_lens = lens[order]
+    ex_starts = np.concatenate([[0], np.cumsum(ex_lens)[:-1]]).astype(np.int64) if len(order) else np.zeros(0, np.int64)
+    within = np.arange(int(ex_lens.sum()), dtype=np.int64) - np.repeat(ex_starts, ex_lens)
+    gather = np.repeat(starts[order], ex_lens) + within  # one vectorized gather instead of a slice per example
+    ids = all_ids[gather].astype(np.int64)
+    labels = np.where(all_mask[gather] > 0, ids, IGNORE)
+    row_lens = np.fromiter((len(b) for b in bins), np.int64, len(bins))
+    row_tokens = np.add.reduceat(ex_lens, np.concatenate([[0], np.cumsum(row_lens)[:-1]])) if len(bins) else row_lens
+    offsets = np.concatenate([[0], np.cumsum(row_tokens)]).astype(np.int64)
     names = [[refs[k].name for k in b] for b in bins]
-    return FeatureRows(ids, labels, offsets, position_ids, names)
+    return FeatureRows(ids, labels, offsets, within if packing else None, names)
 
 
 def pack_bins(lengths: np.ndarray, capacity: int) -> list[list[int]]:
@@ -690,6 +712,7 @@ class _Part:
     val_idx: np.ndarray | None = None
     dropped: dict[str, int] = field(default_factory=dict)
     truncated: int = 0
+    digest: str = ""
 
 
 def data_seed(recipe: dict) -> int:
@@ -810,8 +833,9 @@ def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None)
         parts.append(_Part(index=i, name=name, entry=entry, examples=train + (val or []), n_train=len(train),
                            own_validation=bool(val), skipped=dict(loaded.skipped), fingerprint=loaded.fingerprint))
     for p in parts:
+        p.digest = examples_digest(p.examples)
         p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d.get("train_on_inputs", False), d, progress,
-                                               desc=f"tokenizing {p.name}")
+                                               desc=f"tokenizing {p.name}", digest=p.digest)
         lens = p.block.lengths
         trainable = p.block.trainable_within(max_length)
         too_long = lens > max_length
@@ -849,7 +873,7 @@ def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None)
     eval_pairs = [(p.examples[k].prompt, p.examples[k].reference) for p in parts for k in p.val_idx
                   if p.examples[k].prompt is not None and p.examples[k].reference is not None]
     stats = _stats(recipe, parts, train_refs, train_rows, val_rows, max_length)
-    fp = hashlib.sha256(json.dumps([[p.fingerprint, examples_digest(p.examples)] for p in parts]
+    fp = hashlib.sha256(json.dumps([[p.fingerprint, p.digest] for p in parts]
                                    + [tokenizer_fingerprint(tokenizer), seed, _settings(d)]).encode()).hexdigest()[:20]
     prepared = PreparedData(train=train_rows, validation=val_rows, collator=collator, eval_pairs=eval_pairs,
                             validation_unpacked=val_unpacked, stats=stats, fingerprint=fp)
@@ -883,8 +907,7 @@ def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
     for r in train_refs:
         src = r.name.rsplit("#", 1)[0]
         sampled[src] = sampled.get(src, 0) + 1
-    ex_lens = np.array([min(int(r.block.offsets[r.idx + 1] - r.block.offsets[r.idx]), max_length)
-                        for r in train_refs], np.int64)
+    ex_lens = np.minimum(_ref_spans(train_refs)[3], max_length)
     all_lens = np.concatenate([p.block.lengths for p in parts])
     return {
         "datasets": per,
