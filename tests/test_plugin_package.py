@@ -98,6 +98,14 @@ def test_installed_plugin_is_listed(python):
     assert re.search(r"^sharegpt\s+ftk-sharegpt\s+0\.1\.0\s+ok\s+dataset:sharegpt", table, re.M)
 
 
+def test_plugin_module_imports_nothing_heavy(python):
+    # every ftk command imports it; torch and friends belong inside the factories
+    code = ("import sys, ftk_sharegpt.plugin; "
+            "print(sorted(m for m in ('torch', 'transformers', 'datasets', 'bitsandbytes') if m in sys.modules))")
+    p = subprocess.run([str(python), "-c", code], capture_output=True, text=True)
+    assert p.returncode == 0 and p.stdout.strip() == "[]", p.stdout + p.stderr
+
+
 def test_plugin_options_schema_is_shown(python):
     p = ftk(python, "plugins", "show", "metric:distinct_n")
     assert p.returncode == 0, p.stderr
