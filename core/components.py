@@ -49,6 +49,7 @@ class DataContext:
     """What a loader's factory gets besides its own options."""
 
     recipe_dir: str
+    max_length: int = 512  # data.max_length; loaders rarely need it (the core truncates)
     on_error: str = "raise"  # or "skip"
     streaming: bool = False
     seed: int = 42

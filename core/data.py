@@ -319,7 +319,7 @@ def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
     """
 
     def factory(options: dict, ctx: DataContext) -> LoadedData:
-        obj = cls(ctx.tokenizer, getattr(ctx, "max_length", 512))
+        obj = cls(ctx.tokenizer, ctx.max_length)
         dd = obj.load()
         if "train" not in dd:
             raise DataError(f"{cls.__name__}.load(): returned splits {list(dd)}; a 'train' split is required")
@@ -726,8 +726,8 @@ def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedD
     comp = manager.get("dataset", entry["loader"])
     ctx = DataContext(recipe_dir=str(Path(getattr(recipe, "path", None) or ".").resolve().parent),
                       on_error=entry.get("on_error") or d.get("on_error", "raise"),
-                      streaming=bool(d.get("streaming")), seed=data_seed(recipe), tokenizer=tokenizer)
-    ctx.max_length = d.get("max_length", 512)  # for seed-style class loaders (loader_from_class)
+                      streaming=bool(d.get("streaming")), seed=data_seed(recipe), tokenizer=tokenizer,
+                      max_length=d.get("max_length", 512))
     loaded = comp.factory(dict(entry), ctx)
     if not isinstance(loaded, LoadedData):
         raise DataError(f"data.datasets[{i}]: loader {entry['loader']!r} returned {type(loaded).__name__}, "

@@ -370,10 +370,10 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     recipe = fill_defaults(raw, schema)
     # override values resolve against the folder the user typed them in; absolute paths stay as they are
     resolve_paths(recipe, schema, Path(os.getcwd()))
+    normalize_metrics(recipe)  # first, so metrics named by a plain string get their schema defaults too
     errors = _component_defaults_and_paths(recipe, manager, Path(os.getcwd()))
     if errors:
         raise FtkError(errors)
-    normalize_metrics(recipe)
     out = Recipe(recipe)
     out.path = str(Path(path).resolve()) if path else None
     return out
