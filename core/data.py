@@ -273,8 +273,11 @@ def check_messages(msgs: Any) -> list[dict]:
         raise BadRecord("bad_messages", f"messages must be a list, got {type(msgs).__name__}")
     out = []
     for j, m in enumerate(msgs):
-        if not isinstance(m, dict) or m.get("role") not in ("system", "user", "assistant"):
-            raise BadRecord("bad_messages", f"message {j}: needs a role of system/user/assistant")
+        if not isinstance(m, dict):
+            raise BadRecord("bad_messages", f"message {j}: expected an object, got {type(m).__name__}")
+        if m.get("role") not in ("system", "user", "assistant"):
+            raise BadRecord("bad_messages", f"message {j}: role {m.get('role')!r} is not system/user/assistant "
+                                            f"(map your role names with the 'roles' option)")
         if not isinstance(m.get("content"), str):
             raise BadRecord("bad_messages", f"message {j}: content must be a string")
         if not m["content"].strip():

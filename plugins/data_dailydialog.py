@@ -152,9 +152,7 @@ def _read_split(src, policy, mode, speakers, use_labels=True):
                 raise DataError(f"{prefix}{m}: {len(labels[name])} lines but {prefix}{text_m} has {len(lines)} dialogues")
     out = []
     for n, line in enumerate(lines, 1):
-        if not line.strip():
-            continue
-        try:
+        try:  # a blank line is a dialogue with no turns: an error like any too-short dialogue
             turns, meta = parse_dialogue(line, *(labels[k][n - 1] if k in labels else None for k in ("acts", "emotions")))
         except BadRecord as e:
             policy.bad(f"{prefix}{text_m}:{n}", e)
