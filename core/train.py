@@ -197,8 +197,10 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         eval_ds = None
     args = training_arguments(recipe, output_dir, eval_ds is not None)
     JsonlLogCallback, NanStopCallback = _callback_classes()
-    callbacks = [NanStopCallback(), JsonlLogCallback(out / TRAIN_LOG)]
     t = recipe.get("training") or {}
+    callbacks = [JsonlLogCallback(out / TRAIN_LOG)]
+    if t.get("stop_on_nan", True):
+        callbacks.insert(0, NanStopCallback())
     if "tensorboard" in (t.get("report_to") or []):
         tb = TensorBoardCallback()
         tb.logging_dir = str(out / "logs")
