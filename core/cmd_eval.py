@@ -26,24 +26,10 @@ def _check_adapter_dir(adapter: str) -> None:
 def load_for_eval(recipe: dict, manager, tokenizer, adapter: str | None):
     """The recipe's base model (quantized as the recipe says, no fresh adapter) plus, when given, a
     trained adapter from ``adapter``. Inference only: no k-bit training preparation."""
-    import copy
-
     from ftk import model as model_mod
-    from ftk.components import ModelContext
 
-    m = recipe["model"]
-    config = model_mod._load_config(m)
-    precision = model_mod.resolve_precision((recipe.get("training") or {}).get("precision", "auto"))
-    ctx_recipe = copy.deepcopy(dict(recipe))
-    ctx_recipe.setdefault("training", {})["precision"] = precision
-    ctx = ModelContext(model_config=config, recipe=ctx_recipe,
-                       targets_for=lambda preset: manager.adapter_targets(config.model_type, preset))
-    qopts = dict(m.get("quantization") or {"method": "none"})
-    plan = manager.get("quantizer", qopts.pop("method")).factory(qopts, ctx)
-    model = model_mod.load_base(recipe, plan, precision)
-    model_mod.guard_cpu_4bit_kernels(model)
-    if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))  # as training did for added tokens (pad)
+    model = model_mod.load_quantized_base(recipe, manager, tokenizer)[0]
+    model.config.use_cache = True  # inference: the KV cache speeds generation up
     if adapter:
         from peft import PeftModel
 

@@ -150,33 +150,50 @@ def load_base(recipe: dict, plan=None, precision: str = "fp32"):
         raise FtkError(f"model.name: cannot load {m['name']!r}: {msg}") from None
 
 
-def load_model(recipe: dict, manager, tokenizer):
-    """-> (model with adapter attached, info). Prints the trainable-parameter line."""
-    import transformers
-
-    m = recipe["model"]
-    config = _load_config(m)
-    precision = resolve_precision((recipe.get("training") or {}).get("precision", "auto"))
-    # quantizer and adapter see the concrete precision, not "auto"
-    ctx_recipe = copy.deepcopy(dict(recipe))
-    ctx_recipe.setdefault("training", {})["precision"] = precision
+def model_context(recipe: dict, manager, config=None):
+    """(ModelContext, resolved precision) for quantizer and adapter factories; they see the concrete
+    precision, never "auto"."""
     from ftk.components import ModelContext
 
+    config = config if config is not None else _load_config(recipe["model"])
+    precision = resolve_precision((recipe.get("training") or {}).get("precision", "auto"))
+    ctx_recipe = copy.deepcopy(dict(recipe))
+    ctx_recipe.setdefault("training", {})["precision"] = precision
     ctx = ModelContext(model_config=config, recipe=ctx_recipe,
                        targets_for=lambda preset: manager.adapter_targets(config.model_type, preset))
-    qopts = dict(m.get("quantization") or {"method": "none"})
+    return ctx, precision
+
+
+def quantization_plan(recipe: dict, manager, ctx):
+    """(method name, QuantizationPlan) from the recipe's quantizer plugin."""
+    qopts = dict(recipe["model"].get("quantization") or {"method": "none"})
     qmethod = qopts.pop("method")
-    plan = manager.get("quantizer", qmethod).factory(qopts, ctx)
+    return qmethod, manager.get("quantizer", qmethod).factory(qopts, ctx)
+
+
+def load_quantized_base(recipe: dict, manager, tokenizer=None):
+    """-> (base model quantized as the recipe says, ctx, precision, method, plan); no adapter."""
+    ctx, precision = model_context(recipe, manager)
+    qmethod, plan = quantization_plan(recipe, manager, ctx)
     model = load_base(recipe, plan, precision)
     guard_cpu_4bit_kernels(model)
     model.config.use_cache = False  # packed rows: the block mask from position_ids needs use_cache=False
-    notes = list(plan.notes)
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))
-        notes.append(f"token embeddings resized to {len(tokenizer)} for added tokens")
-    gc = bool(m.get("gradient_checkpointing", False))
+        plan.notes.append(f"token embeddings resized to {len(tokenizer)} for added tokens")
+    return model, ctx, precision, qmethod, plan
+
+
+def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
+    """k-bit preparation and gradient checkpointing that work together, then the recipe's adapter.
+    Used by load_model and by code that builds its model another way (bench/gpu_bench.py)."""
+    import transformers
+
+    if ctx is None:
+        ctx, _ = model_context(recipe, manager, model.config)
+    gc = bool(recipe["model"].get("gradient_checkpointing", False))
     gc_kwargs = {"use_reentrant": False}
-    if plan.kbit:
+    if kbit:
         from peft import prepare_model_for_kbit_training
 
         model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=gc,
@@ -190,7 +207,18 @@ def load_model(recipe: dict, manager, tokenizer):
     transformers.set_seed(int((recipe.get("training") or {}).get("seed", 42)))
     aopts = dict(recipe.get("adapter") or {"method": "lora"})
     amethod = aopts.pop("method")
-    model = manager.get("adapter", amethod).factory(model, aopts, ctx)
+    return manager.get("adapter", amethod).factory(model, aopts, ctx)
+
+
+def load_model(recipe: dict, manager, tokenizer):
+    """-> (model with adapter attached, info). Prints the trainable-parameter line."""
+    m = recipe["model"]
+    model, ctx, precision, qmethod, plan = load_quantized_base(recipe, manager, tokenizer)
+    config = ctx.model_config
+    notes = list(plan.notes)
+    model = prepare_for_training(model, recipe, manager, plan.kbit, ctx)
+    amethod = (recipe.get("adapter") or {"method": "lora"})["method"]
+    gc = bool(m.get("gradient_checkpointing", False))
     trainable, total = count_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
     if int(os.environ.get("RANK", "0")) == 0:

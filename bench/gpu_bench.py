@@ -1,0 +1,225 @@
+"""GPU benchmark: a LLaMA-7B-shaped model with random weights built directly on the GPU, quantized NF4
+nested, LoRA r=8 on q_proj/v_proj, batch 4 x length 512, a fixed number of optimizer steps, trained by
+(a) ftk's default path and (b) the naive seed-spec baseline (every example padded to 512, fp16 mixed
+precision, plain Trainer + PEFT, no gradient checkpointing). Prints useful (non-padding) tokens/s and
+peak GPU memory for each, with the card's name, and the ratio measured in the same run.
+
+    python bench/gpu_bench.py                 # on a GPU machine (bench/gpu.sh wraps it)
+    python bench/gpu_bench.py --tiny          # the same code path with a tiny shape, on the CPU
+"""
+from __future__ import annotations
+
+import argparse
+import functools
+import json
+import os
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+import common  # noqa: E402
+
+SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num_hidden_layers=32,
+                num_attention_heads=32, num_key_value_heads=32, max_position_embeddings=4096,
+                rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
+SHAPE_TINY = dict(SHAPE_7B, vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
+                  num_attention_heads=4, num_key_value_heads=4)
+LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
+
+
+def data_paths():
+    """Tokenizer and Alpaca rows: ../shared here; a carried copy (FTK_BENCH_DATA) on the GPU machine."""
+    carried = os.environ.get("FTK_BENCH_DATA")
+    if carried:
+        return Path(carried) / "stories260K", Path(carried) / "alpaca_sample.json"
+    return common.TOKENIZER_DIR, common.ALPACA
+
+
+def build_random_4bit(shape: dict, device: str, compute_dtype, quant_type="nf4", nested=True):
+    """Random-weight LLaMA made on `device`, its decoder linears replaced by bitsandbytes 4-bit layers
+    (quantized from the random bf16 weights, as from_pretrained would), one layer at a time."""
+    import bitsandbytes as bnb
+    import torch
+    from transformers import LlamaConfig, LlamaForCausalLM
+
+    torch.manual_seed(0)
+    cfg = LlamaConfig(**shape)
+    cfg.use_cache = False
+    old = torch.get_default_dtype()
+    torch.set_default_dtype(torch.bfloat16)
+    try:
+        with torch.device(device):
+            model = LlamaForCausalLM(cfg)
+    finally:
+        torch.set_default_dtype(old)
+    for layer in model.model.layers:
+        for parent in (layer.self_attn, layer.mlp):
+            for name in LINEARS:
+                lin = getattr(parent, name, None)
+                if lin is None:
+                    continue
+                q = bnb.nn.Linear4bit(lin.in_features, lin.out_features, bias=False, compute_dtype=compute_dtype,
+                                      compress_statistics=nested, quant_type=quant_type, device="meta")
+                q.weight = bnb.nn.Params4bit(lin.weight.data, requires_grad=False, quant_type=quant_type,
+                                             compress_statistics=nested)
+                q = q.to(device)  # quantizes
+                setattr(parent, name, q)
+                del lin
+    model.is_loaded_in_4bit = True
+    if device == "cuda":
+        torch.cuda.empty_cache()
+    return model
+
+
+class StepTimer:
+    """Times optimizer steps after the first (which includes allocator warm-up)."""
+
+    def __init__(self):
+        from transformers import TrainerCallback
+
+        outer = self
+
+        class CB(TrainerCallback):
+            def on_step_end(self, args, state, control, **kw):
+                import torch
+
+                if torch.cuda.is_available():
+                    torch.cuda.synchronize()
+                outer.times.append(time.perf_counter())
+
+        self.times: list[float] = []
+        self.callback = CB()
+
+    def seconds(self) -> float:
+        return self.times[-1] - self.times[0]
+
+
+def setup_ftk(shape, steps, device, gc=False):
+    import torch
+
+    from ftk import data as data_mod
+    from ftk import model as model_mod
+    from ftk import train as train_mod
+    from ftk.hookspecs import hookimpl
+    from ftk.manager import get_manager
+    from ftk.recipe import load_recipe
+
+    tok_dir, alpaca = data_paths()
+    timer = StepTimer()
+
+    class Timing:  # attached through the public run-lifecycle hook, as any plugin would
+        @hookimpl
+        def ftk_trainer_callbacks(self, recipe, output_dir):
+            return [timer.callback]
+
+    mgr = get_manager()
+    mgr.register(Timing(), name="bench-timing")
+    with tempfile.TemporaryDirectory() as tmp:
+        recipe = load_recipe(data={
+            "model": {"name": str(tok_dir), "quantization": {"method": "nf4", "nested": True},
+                      "gradient_checkpointing": gc},
+            "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
+            "data": {"datasets": [{"loader": "alpaca", "path": str(alpaca)}], "max_length": 512,
+                     "validation_size": 0, "cache": False},
+            "training": {"max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
+                         "report_to": ["none"], "logging_steps": 1, "save_steps": None},
+            "evaluation": {"metrics": [], "compare_base": False},
+            "output_dir": str(Path(tmp) / "run")}, manager=mgr)
+        tok = model_mod.load_tokenizer(recipe)
+        prepared = data_mod.prepare_data(recipe, tok, mgr)
+        precision = model_mod.resolve_precision("auto")
+        cdtype = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
+        model = build_random_4bit(shape, device, cdtype)
+        model = model_mod.prepare_for_training(model, recipe, mgr, kbit=True)
+        if device == "cuda":
+            torch.cuda.reset_peak_memory_stats()
+        m = train_mod.train(model, tok, prepared, recipe, mgr, str(Path(tmp) / "run"), resume=None)
+        rows = prepared.train
+        per_row = sum(sum(1 for _ in rows[i]["input_ids"]) for i in range(len(rows))) / len(rows)
+    return {"seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": per_row * 4,
+            "final_loss": m.get("final_loss"), "precision": precision,
+            "gradient_checkpointing": bool(recipe["model"].get("gradient_checkpointing"))}
+
+
+def setup_baseline(shape, steps, device):
+    import torch
+    from peft import LoraConfig, get_peft_model, prepare_model_for_kbit_training
+    from transformers import AutoTokenizer, Trainer, TrainingArguments
+
+    tok_dir, alpaca = data_paths()
+    tok = AutoTokenizer.from_pretrained(tok_dir)
+    tok.pad_token = tok.unk_token
+    rows = json.loads(Path(alpaca).read_text())[: steps * 4 + 8]
+    texts = [p + r + tok.eos_token for p, r in map(common.alpaca_text, rows)]
+    enc = tok(texts, max_length=512, truncation=True, padding="max_length")
+    enc["labels"] = [[t if a else -100 for t, a in zip(i, am)] for i, am in zip(enc["input_ids"], enc["attention_mask"])]
+    ds = [dict(input_ids=i, attention_mask=a, labels=lab) for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"])]
+    cuda = device == "cuda"
+    model = build_random_4bit(shape, device, torch.float16 if cuda else torch.float32)
+    model = prepare_model_for_kbit_training(model, use_gradient_checkpointing=False)
+    model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, lora_dropout=0.05, target_modules=["q_proj", "v_proj"],
+                                             task_type="CAUSAL_LM"))
+    timer = StepTimer()
+    if cuda:
+        torch.cuda.reset_peak_memory_stats()
+    with tempfile.TemporaryDirectory() as out:
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+                                 max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
+                                 optim="paged_adamw_32bit", max_grad_norm=0.3, weight_decay=0.01, fp16=cuda,
+                                 logging_steps=1, report_to=[], save_strategy="no", use_cpu=not cuda,
+                                 disable_tqdm=True, remove_unused_columns=False)
+        tr = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer.callback])
+        tr.train()
+    useful = sum(sum(a) for a in enc["attention_mask"][: steps * 4]) / steps
+    losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
+    return {"seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": useful,
+            "final_loss": losses[-1] if losses else None, "precision": "fp16" if cuda else "fp32",
+            "gradient_checkpointing": False}
+
+
+SETUPS = {"ftk": setup_ftk, "ftk-gc": functools.partial(setup_ftk, gc=True), "baseline": setup_baseline}
+
+
+def main():
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--tiny", action="store_true", help="tiny shape (runs on the CPU)")
+    ap.add_argument("--steps", type=int, default=None)
+    ap.add_argument("--setups", default="baseline,ftk,ftk-gc")
+    ap.add_argument("--setup", help=argparse.SUPPRESS)
+    ap.add_argument("--out", default=None)
+    a = ap.parse_args()
+    import torch
+
+    device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
+    shape = SHAPE_TINY if a.tiny else SHAPE_7B
+    steps = a.steps or (4 if a.tiny else 12)
+    if a.setup:
+        res = SETUPS[a.setup](shape, steps, device)
+        res["setup"] = a.setup
+        res["tokens_per_s"] = res["useful_tokens_per_step"] * res["timed_steps"] / res["seconds"]
+        res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        res["peak_rss_bytes"] = common.peak_rss_bytes()
+        common.emit(res)
+        return
+    extra = (["--tiny"] if a.tiny else []) + ["--steps", str(steps)]
+    results = [common.run_setup(Path(__file__), s, extra) for s in a.setups.split(",")]
+    card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (tiny shape)"
+    print(f"device: {card}; shape: {'tiny' if a.tiny else 'LLaMA-7B'}; {steps} steps of batch 4 x 512")
+    by = {r["setup"]: r for r in results}
+    for r in results:
+        if "error" in r:
+            print(f"{r['setup']:<9} ERROR {r['error'][-1500:]}")
+            continue
+        ratio = r["tokens_per_s"] / by["baseline"]["tokens_per_s"] if "tokens_per_s" in by.get("baseline", {}) else float("nan")
+        peak = r["peak_gpu_bytes"] if r["peak_gpu_bytes"] is not None else r["peak_rss_bytes"]
+        print(f"{r['setup']:<9} useful tok/s {r['tokens_per_s']:10.0f}  x{ratio:5.2f} vs baseline  "
+              f"peak {'GPU' if r['peak_gpu_bytes'] is not None else 'RSS'} {peak / 2**30:6.2f} GiB  "
+              f"loss {r['final_loss']}  {r['precision']}  grad-ckpt {r['gradient_checkpointing']}")
+    if a.out:
+        Path(a.out).write_text(json.dumps({"device": card, "results": results}, indent=2))
+
+
+if __name__ == "__main__":
+    main()
