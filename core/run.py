@@ -4,6 +4,7 @@ ftk.evaluate."""
 from __future__ import annotations
 
 import datetime as _dt
+import errno
 import os
 import platform
 import sys
@@ -40,6 +41,8 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Pa
     if resume and resume != "latest" and not Path(resume).exists():
         raise FtkError(f"--resume: checkpoint {resume} does not exist")
     probe_parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    if not probe_parent.is_dir():
+        raise FtkError(f"output_dir: {out} cannot be created: {probe_parent} is a file, not a folder")
     if not os.access(probe_parent, os.W_OK):
         raise FtkError(f"output_dir: {out} is not writable (no write permission on {probe_parent})")
     return out
@@ -74,12 +77,19 @@ def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool
         shutil.rmtree(out)
     started = _dt.datetime.now(_dt.timezone.utc).isoformat()
     from ftk import data as data_mod
+    from ftk import evaluate as eval_mod
     from ftk import model as model_mod
     from ftk import train as train_mod
 
+    # Everything that can be known before training is checked before training: a run must not die
+    # at the end because of something the recipe already said.
+    train_mod.resolve_resume(resume, str(out))
+    metrics_objs = eval_mod.build_metrics(recipe, manager)
     tokenizer = model_mod.load_tokenizer(recipe)
     prepared = data_mod.prepare_data(recipe, tokenizer, manager)
+    check_eval_data(prepared, metrics_objs)
     model, model_info = model_mod.load_model(recipe, manager, tokenizer)
+    check_disk_space(out, model_info, recipe)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "recipe.json", redact(dict(recipe)))
@@ -91,19 +101,51 @@ def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool
         "data": {"fingerprint": prepared.fingerprint, "stats": prepared.stats},
         "model": model_info,
     }
-    train_metrics = train_mod.train(model, tokenizer, prepared, recipe, manager, str(out), resume=resume)
-    metrics = {"train": train_metrics}
-    if is_main_process():
-        from ftk import evaluate as eval_mod
+    try:
+        train_metrics = train_mod.train(model, tokenizer, prepared, recipe, manager, str(out), resume=resume)
+        metrics = {"train": train_metrics}
+        if is_main_process():
+            metrics.update(eval_mod.evaluate_run(model, tokenizer, prepared, recipe, manager, str(out)))
+            atomic_write_json(out / "metrics.json", metrics)
+            manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+            atomic_write_json(out / "manifest.json", redact(manifest))
+            from ftk import report
 
-        metrics.update(eval_mod.evaluate_run(model, tokenizer, prepared, recipe, manager, str(out)))
-        atomic_write_json(out / "metrics.json", metrics)
-        manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-        atomic_write_json(out / "manifest.json", redact(manifest))
-        from ftk import report
-
-        report.write_report(out, recipe, metrics)
+            report.write_report(out, recipe, metrics)
+    except OSError as e:
+        if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            last = train_mod._last_checkpoint(out / train_mod.CHECKPOINTS)
+            raise RunError(f"cannot write to {e.filename or out}: {e.strerror}; "
+                           + (f"last good checkpoint {last}: free space, then `ftk run RECIPE --resume`"
+                              if last else "no checkpoint was saved")) from None
+        raise
     return metrics
+
+
+def check_eval_data(prepared, metrics_objs) -> None:
+    needs = {m.requires for _, m in metrics_objs}
+    if "loss" in needs and not prepared.validation_unpacked:
+        raise FtkError("evaluation.metrics: perplexity needs a validation split; set data.validation_size > 0 "
+                       "or use a dataset that has one")
+    if "text" in needs and not prepared.eval_pairs:
+        raise FtkError("evaluation.metrics: the generation metrics need (prompt, reference) pairs from the "
+                       "validation split, and it has none; set data.validation_size > 0")
+
+
+def check_disk_space(out: Path, model_info: dict, recipe: dict) -> None:
+    """Refuse to start when the output filesystem cannot hold the adapter and checkpoints."""
+    import shutil
+
+    t = recipe.get("training") or {}
+    trainable = int(model_info.get("trainable_parameters") or 0)
+    # adapter (fp32) + each kept checkpoint (adapter + Adam's two moments) + logs and margin
+    kept = (t.get("save_total_limit") or 2) + 1 if t.get("save_steps") else 0
+    needed = trainable * 4 * (1 + 3 * kept) + 16 * 1024**2
+    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    free = shutil.disk_usage(probe).free
+    if free < needed:
+        raise FtkError(f"output_dir: {out} has {free / 1024**2:.0f} MiB free; this run needs about "
+                       f"{needed / 1024**2:.0f} MiB for the adapter and checkpoints")
 
 
 def _used_components(recipe: dict, manager):

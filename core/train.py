@@ -73,12 +73,33 @@ def _callback_classes():
     return JsonlLogCallback, NanStopCallback
 
 
+def checkpoint_complete(path: Path) -> bool:
+    """A checkpoint is complete once trainer_state.json parses: the Trainer writes it after the model,
+    optimizer, scheduler and RNG state, and rotates older checkpoints only after that. A crash during
+    a save therefore leaves the previous checkpoint intact and this one incomplete."""
+    import json
+
+    try:
+        json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return False
+    return any(path.glob("adapter_model.*")) or any(path.glob("model*.safetensors"))
+
+
 def _last_checkpoint(ckpt_dir: Path) -> str | None:
+    """The newest complete checkpoint; incomplete ones (a crash mid-save) are skipped with a note."""
     if not ckpt_dir.is_dir():
         return None
-    from transformers.trainer_utils import get_last_checkpoint
+    import re
 
-    return get_last_checkpoint(str(ckpt_dir))
+    found = sorted(((int(m.group(1)), p) for p in ckpt_dir.iterdir()
+                    if p.is_dir() and (m := re.fullmatch(r"checkpoint-(\d+)", p.name))), reverse=True)
+    for _, p in found:
+        if checkpoint_complete(p):
+            return str(p)
+        if _is_main():
+            print(f"note: skipping incomplete checkpoint {p} (interrupted while saving)", flush=True)
+    return None
 
 
 def resolve_resume(resume: str | None, output_dir: str) -> str | None:
@@ -94,6 +115,8 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
     p = Path(resume)
     if not (p / "trainer_state.json").is_file():
         raise FtkError(f"--resume: {p} is not a training checkpoint (no trainer_state.json)")
+    if not checkpoint_complete(p):
+        raise FtkError(f"--resume: {p} is incomplete (interrupted while saving); use an earlier checkpoint")
     return str(p)
 
 
