@@ -70,8 +70,13 @@ def setup_baseline(model_dir: Path, rows: list[dict]) -> dict:
 
 
 def setup_trl(model_dir: Path, rows: list[dict]) -> dict:
-    """TRL SFTTrainer with padding-free packing (bf16 compute: TRL's fastest configuration here)."""
+    """TRL SFTTrainer with padding-free packing, in its fastest precision on this machine (bf16 only
+    where the CPU multiplies bf16 fast: on an AVX2-only CPU bf16 matmuls are emulated and ~400x slower)."""
     import torch
+
+    from ftk.model import cpu_has_fast_bf16
+
+    bf16 = torch.cuda.is_available() or cpu_has_fast_bf16()
     from datasets import Dataset
     from peft import LoraConfig
     from transformers import AutoModelForCausalLM, AutoTokenizer
@@ -81,10 +86,10 @@ def setup_trl(model_dir: Path, rows: list[dict]) -> dict:
     tok.pad_token = tok.unk_token
     pairs = [common.alpaca_text(r) for r in rows]
     ds = Dataset.from_dict({"prompt": [p for p, _ in pairs], "completion": [c for _, c in pairs]})
-    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config("bfloat16"),
-                                                 dtype=torch.bfloat16)
+    model = AutoModelForCausalLM.from_pretrained(model_dir, quantization_config=_bnb_config("bfloat16" if bf16 else "float32"),
+                                                 dtype=torch.bfloat16 if bf16 else torch.float32)
     with tempfile.TemporaryDirectory() as out:
-        base = _args(out, bf16=True).to_dict()
+        base = _args(out, bf16=bf16).to_dict()
         base = {k: v for k, v in base.items() if k in SFTConfig.__dataclass_fields__ and not k.startswith("_")}
         base.update(packing=True, padding_free=True, max_length=MAXLEN, completion_only_loss=False,
                     output_dir=out, report_to=[])
@@ -98,7 +103,7 @@ def setup_trl(model_dir: Path, rows: list[dict]) -> dict:
         dt = time.perf_counter() - t
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     return {"useful_tokens": useful, "seconds": dt, "final_loss": losses[-1], "first_loss": losses[0],
-            "train_loss": res.training_loss, "steps": tr.state.global_step, "precision": "bf16"}
+            "train_loss": res.training_loss, "steps": tr.state.global_step, "precision": "bf16" if bf16 else "fp32"}
 
 
 def ftk_recipe(model_dir: Path, data_file: Path, out: Path, **training) -> dict:
@@ -162,7 +167,13 @@ def main() -> None:
         results = [common.run_setup(Path(__file__), s, ["--rows", str(a.rows), "--model-dir", str(model_dir)])
                    for s in a.setups.split(",")]
     flops_tok = common.train_flops_per_token(common.BENCH_CONFIG)
-    peaks = {p: common.matmul_peak_flops(d) for p, d in (("fp32", "float32"), ("bf16", "bfloat16"))}
+    import torch
+
+    from ftk.model import cpu_has_fast_bf16
+
+    peaks = {"fp32": common.matmul_peak_flops("float32")}
+    # emulated bf16 (AVX2-only CPUs) runs at well under 1 GFLOP/s: measure it on a small matrix
+    peaks["bf16"] = common.matmul_peak_flops("bfloat16", n=2048 if (torch.cuda.is_available() or cpu_has_fast_bf16()) else 256, reps=2)
     by = {r["setup"]: r for r in results}
     print(f"machine: {json.dumps(common.machine())}")
     print(f"rows: {a.rows}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")

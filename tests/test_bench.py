@@ -1,0 +1,27 @@
+"""The benchmarks stay runnable: the GPU script's code path with a tiny shape on the CPU, and the
+preprocessing benchmark on the shared rows. (Speed targets are checked by running bench/, not here.)"""
+from __future__ import annotations
+
+import os
+import subprocess
+import sys
+
+from conftest import ROOT
+
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+
+
+def test_gpu_bench_tiny_runs_on_cpu():
+    p = subprocess.run(["bash", "bench/gpu.sh", "--tiny", "--steps", "2", "--setups", "baseline,ftk"], cwd=ROOT,
+                       capture_output=True, text=True, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    lines = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith(("baseline", "ftk"))}
+    assert set(lines) == {"baseline", "ftk"}, p.stdout + p.stderr[-2000:]
+    assert all("useful tok/s" in ln and "ERROR" not in ln for ln in lines.values())
+
+
+def test_preprocess_bench_runs():
+    p = subprocess.run([sys.executable, "bench/preprocess.py", "--replicate", "1"], cwd=ROOT, capture_output=True,
+                       text=True, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "cold" in p.stdout and "cached" in p.stdout and "2,000 rows" in p.stdout
