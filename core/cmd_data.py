@@ -11,25 +11,16 @@ _set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PAT
                            help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
 
 
-def _prepare(recipe_path: str, overrides):
-    from transformers import AutoTokenizer
-
-    from ftk.data import prepare_data, prepare_tokenizer
-    from ftk.errors import FtkError
+def _prepare(recipe_path: str, overrides, reuse: bool = True):
+    from ftk.data import prepare_data
     from ftk.manager import get_manager
+    from ftk.model import load_tokenizer
     from ftk.recipe import load_recipe
 
     mgr = get_manager()
     recipe = load_recipe(recipe_path, list(overrides), manager=mgr)
-    m = recipe["model"]
-    kw = {k: m[k] for k in ("revision", "cache_dir") if m.get(k)}
-    try:
-        tok = AutoTokenizer.from_pretrained(m["name"], trust_remote_code=bool(m.get("trust_remote_code")), **kw)
-    except (OSError, ValueError) as e:
-        first = (str(e).strip().splitlines() or [type(e).__name__])[0]
-        raise FtkError(f"model.name: cannot load a tokenizer from {m['name']!r}: {first}") from None
-    prepare_tokenizer(tok)
-    return recipe, tok, prepare_data(recipe, tok, mgr)
+    tok = load_tokenizer(recipe)
+    return recipe, tok, prepare_data(recipe, tok, mgr, reuse=reuse)
 
 
 def preview_items(prepared, tokenizer, n: int) -> list[dict]:
@@ -87,7 +78,7 @@ def data():
 def preview(recipe, n, as_json, overrides):
     """The first N training examples exactly as the model sees them. Masked (untrained) tokens are
     shown as [[...]]; everything else, including </s>, carries a label."""
-    _, tok, prepared = _prepare(recipe, overrides)
+    _, tok, prepared = _prepare(recipe, overrides, reuse=False)  # preview needs the examples themselves
     items = preview_items(prepared, tok, n)
     if as_json:
         click.echo(json.dumps(items, indent=1, ensure_ascii=False))

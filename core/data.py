@@ -811,12 +811,110 @@ def padding_waste(lengths: np.ndarray, batch_size: int, pad_to: int | None = Non
     return round(1.0 - float(lengths.sum()) / total, 4)
 
 
-def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
-    """Load every dataset entry, render, tokenize (cached), split, mix, pack; see the module doc."""
+def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None, reuse: bool = True) -> PreparedData:
+    """Load every dataset entry, render, tokenize (cached), split, mix, pack; see the module doc.
+
+    With ``reuse`` (and data.cache on), the finished rows are cached too, keyed by the recipe's data
+    settings, the tokenizer, the loader plugins' versions and the size and mtime of every local file a
+    dataset entry names: a second run with unchanged inputs reads arrays instead of parsing and
+    rendering every record again. (``ftk data preview`` passes reuse=False: it needs the examples.)"""
     d = recipe["data"]
     prepare_tokenizer(tokenizer)
     if d.get("streaming"):
         return _prepare_streaming(recipe, tokenizer, manager, progress)
+    key = _result_key(recipe, tokenizer, manager) if (reuse and d.get("cache", True)) else None
+    if key:
+        hit = _load_result(cache_root(d) / "prepared" / key, tokenizer)
+        if hit is not None:
+            return hit
+    prepared = _prepare_uncached(recipe, tokenizer, manager, progress)
+    if key:
+        _save_result(cache_root(d) / "prepared" / key, prepared)
+    return prepared
+
+
+def _source_state(value: str) -> list | None:
+    """(path, size, mtime_ns) of a local file, or of every file below a local folder."""
+    p = Path(value)
+    if p.is_file():
+        st = p.stat()
+        return [[str(p), st.st_size, st.st_mtime_ns]]
+    files = sorted(f for f in p.rglob("*") if f.is_file())
+    if len(files) > 10000:
+        return None
+    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+
+
+def _result_key(recipe: dict, tokenizer, manager) -> str | None:
+    d = recipe["data"]
+    sources = []
+    for entry in d["datasets"]:
+        comp = manager.get("dataset", entry["loader"])
+        state = [entry["loader"], comp.package, comp.version]
+        for k, v in sorted(entry.items()):
+            if isinstance(v, str) and os.path.isabs(v) and os.path.exists(v):
+                st = _source_state(v)
+                if st is None:
+                    return None
+                state.append([k, st])
+            elif k == "path":
+                return None  # a hub dataset: its content is not known without loading it
+        sources.append(state)
+    from ftk import __version__
+
+    blob = [CACHE_VERSION, __version__, sources, tokenizer_fingerprint(tokenizer), data_seed(recipe), _settings(d),
+            int(recipe.get("training", {}).get("batch_size", 4))]
+    return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
+
+
+_ROW_ARRAYS = ("ids", "labels", "offsets", "position_ids")
+
+
+def _save_result(d: Path, prepared: PreparedData) -> None:
+    from ftk.io import atomic_write_bytes, atomic_write_json
+
+    try:
+        meta = {"eval_pairs": prepared.eval_pairs, "stats": prepared.stats, "fingerprint": prepared.fingerprint,
+                "pad_token_id": prepared.collator.pad_token_id, "pad_to": prepared.collator.pad_to, "sets": {}}
+        for name in ("train", "validation", "validation_unpacked"):
+            rows = getattr(prepared, name)
+            for a in _ROW_ARRAYS:
+                arr = getattr(rows, a)
+                if arr is not None:
+                    atomic_write_bytes(d / f"{name}.{a}.npy", _npy_bytes(np.asarray(arr)))
+            meta["sets"][name] = {"names": rows.names, "packed": rows.position_ids is not None}
+        atomic_write_json(d / "prepared.json", meta)  # written last: its presence marks a complete entry
+    except OSError as e:
+        import warnings
+
+        warnings.warn(f"ftk: data cache not written to {d}: {e.strerror}", stacklevel=2)
+
+
+def _load_result(d: Path, tokenizer) -> PreparedData | None:
+    try:
+        meta = json.loads((d / "prepared.json").read_text(encoding="utf-8"))
+        sets = {}
+        for name, info in meta["sets"].items():
+            arrs = {a: np.load(d / f"{name}.{a}.npy", allow_pickle=False)
+                    for a in _ROW_ARRAYS if a != "position_ids" or info["packed"]}
+            sets[name] = FeatureRows(arrs["ids"], arrs["labels"], arrs["offsets"], arrs.get("position_ids"),
+                                     info["names"])
+    except (OSError, ValueError, KeyError):
+        return None  # missing or damaged: rebuilt
+    if meta["pad_token_id"] != tokenizer.pad_token_id:
+        return None
+    for ds in meta["stats"].get("datasets", []):
+        if isinstance(ds, dict) and "cache" in ds:
+            ds["cache"] = "hit"
+    return PreparedData(train=sets["train"], validation=sets["validation"],
+                        collator=Collator(meta["pad_token_id"], meta["pad_to"]),
+                        eval_pairs=[tuple(x) for x in meta["eval_pairs"]],
+                        validation_unpacked=sets["validation_unpacked"], stats=meta["stats"],
+                        fingerprint=meta["fingerprint"])
+
+
+def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
+    d = recipe["data"]
     seed = data_seed(recipe)
     max_length = int(d.get("max_length", 512))
     parts: list[_Part] = []

@@ -271,3 +271,28 @@ def test_streaming_yields_packed_rows_and_holds_out_validation(fresh_manager, tm
     assert p.stats["validation"]["examples"] == 10 and len(names) == 50 - p.stats["train"]["dropped"].get("not_kept", 0)
     assert all(len(f["input_ids"]) <= 512 for f in rows) and "position_ids" in rows[0]
     assert len(p.eval_pairs) == 10
+
+
+def test_prepared_rows_cache_skips_loading_until_a_source_changes(fresh_manager, tmp_path, tok, monkeypatch):
+    import json as _json
+    import os
+
+    rows = _json.loads(ALPACA.read_text())[:60]
+    src = tmp_path / "mine.json"
+    src.write_text(_json.dumps(rows))
+    r = make(fresh_manager, tmp_path, [{"loader": "alpaca", "path": str(src)}])
+    first = prepare_data(r, tok, fresh_manager)
+    comp = fresh_manager.get("dataset", "alpaca")
+    calls = []
+    orig = comp.factory
+    monkeypatch.setattr(comp, "factory", lambda o, c: calls.append(1) or orig(o, c))
+    second = prepare_data(r, tok, fresh_manager)
+    assert calls == []  # served from the prepared-rows cache: the file was not parsed again
+    assert list(first.train) == list(second.train) and list(first.validation) == list(second.validation)
+    assert first.eval_pairs == second.eval_pairs and first.fingerprint == second.fingerprint
+    src.write_text(_json.dumps(rows[:50]))  # a changed source is noticed (size and mtime)
+    os.utime(src, ns=(1, 1))
+    third = prepare_data(r, tok, fresh_manager)
+    assert calls == [1]
+    total = lambda p: sum(len(x["input_ids"]) for x in p.train) + sum(len(x["input_ids"]) for x in p.validation)
+    assert total(third) < total(first)
