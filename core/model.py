@@ -203,10 +203,6 @@ def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
     if gc:
         # frozen embeddings give checkpointed blocks inputs without grad: the "does not require grad" trap
         model.enable_input_require_grads()
-    if (recipe.get("data") or {}).get("packing", True):
-        from ftk.attention import use_packed_attention
-
-        use_packed_attention(model)  # attend within each packed example, not over the masked row
     # the adapter's random init must not depend on what ran before (resume must rebuild the same model)
     transformers.set_seed(int((recipe.get("training") or {}).get("seed", 42)))
     aopts = dict(recipe.get("adapter") or {"method": "lora"})
