@@ -43,6 +43,10 @@ class Shape:
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
 
+def _get(cfg, key):
+    return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
+
+
 def _targets(recipe: dict) -> list[str]:
     t = recipe.get("adapter", {}).get("target_modules", ["q_proj", "v_proj"])
     if t == "all-linear":
@@ -100,22 +104,30 @@ def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
 
     h, i, kv = s.hidden, s.intermediate, s.hidden // s.heads * s.kv_heads
     lora_act = sum(shapes[t][0] + r for t in targets)
-    per_layer_tok = 4 * (2 * h) * 2 + d * (h + lora_act + (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
+    # two RMSNorms keep ~3 fp32 vectors each (input upcast, normalised, scaled); rotary keeps q, k and
+    # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
+    per_layer_tok = 4 * (3 * h) * 2 + d * (h + lora_act + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
     per_layer_tok += len(targets) * h  # dropout masks (1 byte)
     ckpt = bool(recipe.get("model", {}).get("gradient_checkpointing", False))
+    # saved tensors, plus one layer's worth of their gradients in flight during backward (with
+    # checkpointing: each layer's input, plus the one layer being recomputed and its gradients)
     if ckpt:
-        activations = tokens * (s.layers * h * d + per_layer_tok)
+        activations = tokens * (s.layers * h * d + 2 * per_layer_tok)
     else:
-        activations = tokens * s.layers * per_layer_tok
+        activations = tokens * (s.layers + 1) * per_layer_tok
     logits = tokens * s.vocab * 4 * 3  # fp32 logits, log-softmax kept for backward, their gradient
-    total = weights + lora + grads + optimizer + activations + logits
+    # On the CPU the checkpoint is memory-mapped and its pages stay resident after loading; a GPU
+    # run reads it through host memory that the GPU figure does not include.
+    ckpt_bytes = 0 if cuda else (quantized + unquantized + emb + norms) * _DTYPE_BYTES.get(
+        str(_get(config, "dtype") or "float32").replace("torch.", ""), 4)
+    total = weights + lora + grads + optimizer + activations + logits + ckpt_bytes
     return {
         "parameters": int(quantized + unquantized + emb + norms),
         "trainable_parameters": int(lora_params),
         "trainable_share": lora_params / max(1, quantized + unquantized + emb + norms),
         "bytes": {"weights": int(weights), "lora_weights": int(lora), "optimizer_state": int(optimizer),
                   "gradients": int(grads), "activations": int(activations), "logits": int(logits),
-                  "total": int(total)},
+                  "checkpoint_pages": int(ckpt_bytes), "total": int(total)},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
                         "quantized_linear_parameters": int(quantized)},
     }
@@ -127,7 +139,15 @@ def plan(recipe: dict, manager, with_data: bool = True) -> dict:
     m = recipe["model"]
     cfg = AutoConfig.from_pretrained(m["name"], revision=m.get("revision"), cache_dir=m.get("cache_dir"),
                                      trust_remote_code=m.get("trust_remote_code", False))
-    out = estimate_memory(cfg, recipe)
+    import copy
+
+    import torch
+
+    from ftk.model import resolve_precision
+
+    concrete = copy.deepcopy(dict(recipe))  # "auto" precision as this machine would run it
+    concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"].get("precision", "auto"))
+    out = estimate_memory(cfg, concrete, cuda=torch.cuda.is_available())
     if with_data:
         from ftk import data as data_mod
         from ftk import model as model_mod
@@ -163,7 +183,8 @@ def format_plan(p: dict) -> str:
     lines = [f"parameters: {p['parameters']:,}",
              f"trainable (adapter) parameters: {p['trainable_parameters']:,} ({100 * p['trainable_share']:.3f}%)",
              "peak memory estimate:"]
-    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "total"):
+    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "checkpoint_pages",
+              "total"):
         lines.append(f"  {k:<16} {human(b[k]):>11}")
     a = p["assumptions"]
     lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens, {a['compute_bytes']}-byte compute, "
