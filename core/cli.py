@@ -126,7 +126,12 @@ def run(ctx, recipe, overrides, resume, overwrite):
     from ftk.run import run_recipe
 
     r = load_recipe(recipe, overrides, manager=_manager(ctx))
-    run_recipe(r, manager=_manager(ctx), resume=resume, overwrite=overwrite)
+    metrics = run_recipe(r, manager=_manager(ctx), resume=resume, overwrite=overwrite)
+    if int(os.environ.get("RANK", "0")) == 0 and ("finetuned" in metrics or "base" in metrics):
+        from ftk.cmd_eval import format_table
+
+        click.echo("\n" + format_table(metrics))
+        click.echo(f"\nreport: {os.path.join(r['output_dir'], 'report.md')}")
 
 
 def _build() -> click.Group:
