@@ -8,7 +8,7 @@ import sys
 
 from conftest import ROOT
 
-ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1")
+ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHON=sys.executable)
 
 
 def test_gpu_bench_tiny_runs_on_cpu():

@@ -3,7 +3,6 @@ from __future__ import annotations
 
 import json
 import os
-import shutil
 import signal
 import subprocess
 import sys
@@ -24,8 +23,9 @@ def test_torchrun_two_processes(tmp_path):
         "output_dir": str(out),
     }
     (tmp_path / "r.json").write_text(json.dumps(recipe))
-    torchrun = shutil.which("torchrun") or sys.executable
-    cmd = ([torchrun] if torchrun != sys.executable else [sys.executable, "-m", "torch.distributed.run"])
+    # `python -m torch.distributed.run` is torchrun, with the interpreter running these tests (a
+    # `torchrun` found on PATH may belong to another environment)
+    cmd = [sys.executable, "-m", "torch.distributed.run"]
     env = dict(os.environ, OMP_NUM_THREADS="1")
     # --standalone picks a free rendezvous port, so parallel test runs do not collide
     proc = subprocess.Popen(cmd + ["--standalone", "--nproc_per_node", "2", "-m", "ftk", "run",

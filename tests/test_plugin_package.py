@@ -37,8 +37,19 @@ def _pip(python: Path | str, *args: str) -> None:
 def venv(tmp_path_factory) -> Path:
     """A venv that sees the installed ftk (system site-packages) but has its own site-packages,
     so installing and uninstalling the plugin there leaves the test environment untouched."""
+    import site
+    import sysconfig
+
     d = tmp_path_factory.mktemp("venv")
     subprocess.run([sys.executable, "-m", "venv", "--system-site-packages", "--without-pip", str(d)], check=True)
+    # When the tests themselves run in a venv (CI's .venv), --system-site-packages reaches the base
+    # interpreter, not that venv: add the running interpreter's site dirs (with their .pth files, so an
+    # editable ftk is found) after the new venv's own site-packages.
+    purelib = sysconfig.get_path("purelib", vars={"base": str(d), "platbase": str(d)})
+    Path(purelib).mkdir(parents=True, exist_ok=True)
+    parents = [p for p in site.getsitepackages() if Path(p).is_dir()]
+    (Path(purelib) / "_ftk_test_parent.pth").write_text(
+        "".join(f"import site; site.addsitedir({p!r})\n" for p in parents))
     src = _copy_source(d / "src")  # kept for the reinstall after the uninstall test
     _pip(d / "bin" / "python", "install", "--no-deps", "--no-build-isolation", str(src))
     return d
