@@ -29,3 +29,16 @@ def test_docs_pages_linked_from_readme_exist():
     readme = (ROOT / "README.md").read_text()
     for page in re.findall(r"`(docs/[\w\-/]+\.md)`", readme):
         assert (ROOT / page).exists(), page
+
+
+def test_readme_python_example_runs(tmp_path, monkeypatch):
+    """The README's notebook example, run as written (from the project root, output in tmp)."""
+    readme = (ROOT / "README.md").read_text()
+    code = re.search(r"```python\n(.*?)```", readme, re.S).group(1)
+    code = code.replace('output_dir="runs/notebook"', f'output_dir={str(tmp_path / "nb")!r}')
+    monkeypatch.chdir(ROOT)
+    ns: dict = {}
+    exec(compile(code, "README.md", "exec"), ns)
+    res = ns["trainer"].evaluate()
+    assert res["finetuned"]["perplexity"] > 0 and "base" in res
+    assert (tmp_path / "nb" / "adapter" / "adapter_config.json").is_file()
