@@ -74,19 +74,40 @@ def build_random_4bit(shape: dict, device: str, compute_dtype, quant_type="nf4",
 
 
 class StepTimer:
-    """Times optimizer steps after the first (which includes allocator warm-up)."""
+    """Times optimizer steps after the first (which includes allocator warm-up). With
+    FTK_BENCH_PROFILE=1 it also profiles steps 3-4 and prints the top operators (timed steps exclude them)."""
 
     def __init__(self):
         from transformers import TrainerCallback
 
         outer = self
+        profile = os.environ.get("FTK_BENCH_PROFILE") == "1"
 
         class CB(TrainerCallback):
+            prof = None
+
+            def on_step_begin(self, args, state, control, **kw):
+                if profile and state.global_step == 2:
+                    import torch
+
+                    acts = [torch.profiler.ProfilerActivity.CPU]
+                    if torch.cuda.is_available():
+                        acts.append(torch.profiler.ProfilerActivity.CUDA)
+                    self.prof = torch.profiler.profile(activities=acts)
+                    self.prof.__enter__()
+
             def on_step_end(self, args, state, control, **kw):
                 import torch
 
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
+                if self.prof is not None and state.global_step == 4:
+                    self.prof.__exit__(None, None, None)
+                    key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
+                    out = Path(os.environ.get("FTK_BENCH_PROFILE_DIR", ".")) / f"profile-{os.environ.get('FTK_BENCH_SETUP', 'x')}.txt"
+                    out.write_text(self.prof.key_averages().table(sort_by=key, row_limit=30))
+                    self.prof = None
+                    outer.times.clear()  # profiled steps are not timed
                 outer.times.append(time.perf_counter())
 
         self.times: list[float] = []
@@ -196,6 +217,7 @@ def main():
     shape = SHAPE_TINY if a.tiny else SHAPE_7B
     steps = a.steps or (4 if a.tiny else 12)
     if a.setup:
+        os.environ["FTK_BENCH_SETUP"] = a.setup
         res = SETUPS[a.setup](shape, steps, device)
         res["setup"] = a.setup
         res["tokens_per_s"] = res["useful_tokens_per_step"] * res["timed_steps"] / res["seconds"]

@@ -149,6 +149,10 @@ def _build() -> click.Group:
 
 
 def main(argv: list[str] | None = None) -> None:
+    import warnings
+
+    # library deprecation notices (transformers' renames) are for library authors, not ftk users
+    warnings.filterwarnings("ignore", category=FutureWarning, module=r"transformers(\.|$)")
     group = _build()
     try:
         group.main(args=argv, prog_name="ftk", standalone_mode=False)
