@@ -35,7 +35,8 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Pa
     out = Path(output_dir)
     if out.exists() and not out.is_dir():
         raise FtkError(f"output_dir: {out} exists and is not a folder")
-    if out.is_dir() and any(out.iterdir()) and not resume and not overwrite:
+    # only rank 0 writes, so only rank 0 judges the folder (other ranks may start after it wrote)
+    if is_main_process() and out.is_dir() and any(out.iterdir()) and not resume and not overwrite:
         raise FtkError(f"output_dir: {out} is not empty; pass --resume to continue that run "
                        f"or --overwrite to replace it")
     if resume and resume != "latest" and not Path(resume).exists():
