@@ -42,3 +42,16 @@ def test_readme_python_example_runs(tmp_path, monkeypatch):
     res = ns["trainer"].evaluate()
     assert res["finetuned"]["perplexity"] > 0 and "base" in res
     assert (tmp_path / "nb" / "adapter" / "adapter_config.json").is_file()
+
+
+def test_every_command_is_in_the_cli_reference():
+    import click
+
+    from ftk.cli import _build
+
+    cli = _build()
+    text = (ROOT / "docs" / "cli.md").read_text()
+    for name, cmd in cli.commands.items():
+        subs = cmd.commands if isinstance(cmd, click.Group) else {"": cmd}
+        for sub in subs:
+            assert f"`ftk {name}{' ' + sub if sub else ''}" in text, (name, sub)
