@@ -149,24 +149,12 @@ def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, tempe
     if adapter:
         _check_adapter_dir(adapter)
     import torch
-    from transformers import AutoModelForCausalLM, AutoTokenizer
 
     from ftk.evaluate import QualitativeEvaluator
-    from ftk.model import _first_line, adapter_base_name
+    from ftk.model import adapter_base_name, load_unquantized
 
     base_name = base or adapter_base_name(adapter)
-    tok_src = adapter if adapter and (Path(adapter) / "tokenizer_config.json").is_file() else base_name
-    try:
-        tokenizer = AutoTokenizer.from_pretrained(tok_src)
-        model = AutoModelForCausalLM.from_pretrained(base_name, dtype=torch.float32)
-    except (OSError, ValueError) as e:
-        raise FtkError(f"generate: cannot load {base_name!r}: {_first_line(e)}") from None
-    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
-        model.resize_token_embeddings(len(tokenizer))
-    if adapter:
-        from peft import PeftModel
-
-        model = PeftModel.from_pretrained(model, adapter)
+    model, tokenizer = load_unquantized(base_name, adapter, who="generate")
     if torch.cuda.is_available():
         model = model.to("cuda")
     if seed is not None:

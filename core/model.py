@@ -261,31 +261,51 @@ def adapter_base_name(adapter_dir: str | os.PathLike) -> str:
     return base
 
 
+def load_unquantized(base: str, adapter_dir: str | os.PathLike | None = None, dtype: str = "float32",
+                     who: str | None = None):
+    """(model, tokenizer): ``base`` unquantized in ``dtype`` plus, when given, the trained adapter. The
+    tokenizer is the adapter's when it saved one (training may add a pad token), and the embeddings are
+    resized to it as training resized them, so a saved embedding layer fits. Used by ``ftk merge`` and
+    ``ftk generate``; ``who`` starts the error messages (default: the adapter folder)."""
+    import torch
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    who = who or str(adapter_dir)
+    tok_src = adapter_dir if adapter_dir and (Path(adapter_dir) / "tokenizer_config.json").is_file() else base
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(str(tok_src))
+        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
+    except (OSError, ValueError) as e:
+        raise FtkError(f"{who}: cannot load the base model {base!r}: {_first_line(e)}") from None
+    if len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
+        model.resize_token_embeddings(len(tokenizer))
+    if adapter_dir:
+        from peft import PeftModel
+
+        try:
+            model = PeftModel.from_pretrained(model, str(adapter_dir))
+        except (OSError, ValueError, RuntimeError) as e:  # RuntimeError: weights of another shape
+            raise FtkError(f"{adapter_dir}: cannot apply the adapter to {base!r}: {_first_line(e)}") from None
+    return model, tokenizer
+
+
 def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dtype: str = "float32",
                   base: str | None = None) -> Path:
     """Load the base unquantized, apply the adapter, merge, save a plain transformers model (atomically)."""
     import shutil
     import tempfile
 
-    import torch
-    from peft import PeftModel
-    from transformers import AutoModelForCausalLM, AutoTokenizer
-
     base = base or adapter_base_name(adapter_dir)
     out = Path(out_dir)
     if out.exists() and (not out.is_dir() or any(out.iterdir())):
         raise FtkError(f"--out: {out} exists and is not an empty folder")
-    try:
-        model = AutoModelForCausalLM.from_pretrained(base, dtype=getattr(torch, dtype))
-    except (OSError, ValueError) as e:
-        raise FtkError(f"{adapter_dir}: cannot load the base model {base!r}: {_first_line(e)}") from None
-    model = PeftModel.from_pretrained(model, str(adapter_dir)).merge_and_unload()
+    model, tokenizer = load_unquantized(base, adapter_dir, dtype)
+    model = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
     tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
     try:
         model.save_pretrained(tmp)
-        src = adapter_dir if (Path(adapter_dir) / "tokenizer_config.json").exists() else base
-        AutoTokenizer.from_pretrained(str(src)).save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)

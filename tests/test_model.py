@@ -188,3 +188,24 @@ def test_model_errors_are_one_line(fresh_manager, tmp_path):
     bad["model"]["name"] = str(tmp_path / "nope")
     with pytest.raises(FtkError, match="model.name: cannot load a tokenizer"):
         M.load_tokenizer(bad)
+
+
+def test_merge_and_generate_load_an_adapter_trained_with_an_added_token(tmp_path):
+    """Training resizes the embeddings when the tokenizer gains a pad token; PEFT then saves the
+    resized embedding layer, so merge/generate must resize the base the same way before loading it."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    tok = AutoTokenizer.from_pretrained(str(MODEL_DIR))
+    tok.add_special_tokens({"additional_special_tokens": ["<extra>"]})
+    base = AutoModelForCausalLM.from_pretrained(str(MODEL_DIR), dtype=torch.float32)
+    base.resize_token_embeddings(len(tok))
+    peft = get_peft_model(base, LoraConfig(r=2, target_modules=["q_proj"], task_type="CAUSAL_LM"))
+    adapter = tmp_path / "adapter"
+    peft.save_pretrained(str(adapter))
+    tok.save_pretrained(str(adapter))
+    model, loaded_tok = M.load_unquantized(str(MODEL_DIR), adapter)
+    assert len(loaded_tok) == len(tok) == model.get_input_embeddings().weight.shape[0]
+    out = M.merge_adapter(adapter, tmp_path / "merged")
+    merged = AutoModelForCausalLM.from_pretrained(out)
+    assert merged.get_input_embeddings().weight.shape[0] == len(tok)
