@@ -93,20 +93,15 @@ def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
     tokenizer = model_mod.load_tokenizer(r)
     prepared = data_mod.prepare_data(r, tokenizer, mgr)
     model = load_for_eval(r, mgr, tokenizer, adapter)
-    metrics = eval_mod.evaluate_model(model, tokenizer, prepared, r, mgr,
-                                      compare_base=False if no_base else None)
+    metrics = eval_mod.evaluate_run(model, tokenizer, prepared, r, mgr, out,
+                                    compare_base=False if no_base else None)
     metrics["adapter"] = str(Path(adapter).resolve()) if adapter else None
     if out:
-        from ftk.io import atomic_write_json, atomic_write_text
+        from ftk.io import atomic_write_json
         from ftk.report import write_report
 
-        samples = metrics.get("samples") or []
-        atomic_write_text(Path(out) / "generations.jsonl",
-                          "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-        keep = r["evaluation"].get("num_examples_in_report", 5)
-        saved = dict(metrics, samples=samples[:keep])
-        atomic_write_json(Path(out) / "metrics.json", saved)
-        write_report(out, r, saved)
+        atomic_write_json(Path(out) / "metrics.json", metrics)
+        write_report(out, r, metrics)
     if as_json:
         click.echo(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
     else:

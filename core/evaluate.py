@@ -301,15 +301,17 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
     return out
 
 
-def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir) -> dict:
-    """What ``ftk run`` records after training. All generations go to OUTPUT_DIR/generations.jsonl;
-    the returned ``samples`` keep the first ``evaluation.num_examples_in_report`` of them."""
+def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir,
+                 compare_base: bool | None = None) -> dict:
+    """What ``ftk run`` and ``ftk eval --out`` record. All generations go to OUTPUT_DIR/generations.jsonl
+    (one line per prompt, so none replaces an older file too; nothing is written when ``output_dir`` is
+    None); the returned ``samples`` keep the first ``evaluation.num_examples_in_report`` of them."""
     from ftk.io import atomic_write_text
     import json
 
-    out = evaluate_model(model, tokenizer, prepared, recipe, manager)
+    out = evaluate_model(model, tokenizer, prepared, recipe, manager, compare_base=compare_base)
     samples = out.get("samples") or []
-    if samples and output_dir is not None:
+    if output_dir is not None:
         atomic_write_text(Path(output_dir) / "generations.jsonl",
                           "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
     keep = (recipe.get("evaluation") or {}).get("num_examples_in_report", 5)
