@@ -56,8 +56,9 @@ def _with_defaults(metric: str, options: dict | None, schema: dict) -> dict:
     return opts
 
 
-def _check_pairs(metric: str, predictions, references) -> list[list[str]]:
-    """Same length, non-empty; each reference a string or a list of alternative references."""
+def _check_pairs(metric: str, predictions, references) -> tuple[list[str], list[list[str]]]:
+    """(predictions, references as lists of alternatives): same length, non-empty; each reference a
+    string or a list of alternative references. Any iterables in, lists out (read once)."""
     predictions, references = list(predictions), list(references)
     if len(predictions) != len(references):
         raise FtkError(f"metric {metric!r}: {len(predictions)} predictions but {len(references)} references")
@@ -72,7 +73,7 @@ def _check_pairs(metric: str, predictions, references) -> list[list[str]]:
     for i, p in enumerate(predictions):
         if not isinstance(p, str):
             raise FtkError(f"metric {metric!r}: prediction {i} is {type(p).__name__}, expected a string")
-    return refs
+    return predictions, refs
 
 
 class Perplexity:
@@ -110,8 +111,7 @@ class Bleu:
                           effective_order=o["sentence_level"])
 
     def compute(self, predictions, references) -> dict[str, float]:
-        refs = _check_pairs("bleu", predictions, references)
-        predictions = list(predictions)
+        predictions, refs = _check_pairs("bleu", predictions, references)
         if self.options["sentence_level"]:
             scores = [self._bleu.sentence_score(p, r).score for p, r in zip(predictions, refs)]
             return {"bleu": sum(scores) / len(scores) / 100.0}
@@ -133,7 +133,7 @@ class Rouge:
         self._scorer = rouge_scorer.RougeScorer(list(o["rouge_types"]), use_stemmer=o["use_stemmer"])
 
     def compute(self, predictions, references) -> dict[str, float]:
-        refs = _check_pairs("rouge", predictions, references)
+        predictions, refs = _check_pairs("rouge", predictions, references)
         types = list(self.options["rouge_types"])
         sums = {t: [0.0, 0.0, 0.0] for t in types}  # precision, recall, fmeasure
         for pred, alts in zip(predictions, refs):

@@ -218,3 +218,11 @@ def test_rouge_default_stems_and_multi_reference_takes_best(mgr):
         predictions=["the dogs were running"], references=["the dog was run"])["rouge1"]
     multi = m.compute(predictions=["a cat sat"], references=[["nothing alike here", "a cat sat"]])
     assert multi["rouge1"] == 1.0
+
+
+def test_text_metrics_accept_any_iterables(mgr):
+    preds, refs = ["the cat sat on the mat", "a dog barked"], ["the cat sat on a mat", "the dog barked"]
+    for name in ("bleu", "rouge"):
+        m = make_metric(mgr, name)
+        assert m.compute(predictions=iter(preds), references=iter(refs)) == m.compute(predictions=preds,
+                                                                                      references=refs)
