@@ -109,7 +109,11 @@ def read_text(path: str | Path) -> str:
     p = check_path(str(path))
     if p.is_dir():
         raise DataError(f"{p}: is a folder, expected a file")
-    return decode_utf8(p.read_bytes(), str(p))
+    try:
+        data = p.read_bytes()
+    except OSError as e:
+        raise DataError(f"{p}: cannot read: {e.strerror}") from None
+    return decode_utf8(data, str(p))
 
 
 def file_fingerprint(*paths: str | Path) -> str:
@@ -183,8 +187,11 @@ def iter_records(path: str, fmt: str | None, policy: RecordPolicy) -> Iterator[t
         reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
         if not reader.fieldnames:
             raise DataError(f"{path}: empty {fmt.upper()} file (no header row)")
-        for rec in reader:
-            yield f"{path}:{reader.line_num}", rec
+        try:
+            for rec in reader:
+                yield f"{path}:{reader.line_num}", rec
+        except csv.Error as e:  # e.g. a field over csv.field_size_limit()
+            raise DataError(f"{path}:{reader.reader.line_num}: not valid {fmt.upper()}: {e}") from None
     else:
         raise DataError(f"{path}: unknown format {fmt!r}")
 
@@ -208,12 +215,26 @@ def field_str(rec: Any, key: str, *, required: bool = True, allow_empty: bool = 
 # == prompt formats ===============================================================================
 @functools.lru_cache(maxsize=64)
 def _split_template(template: str) -> tuple[str, str]:
-    """Split a template at ``{output}``: the part before is the prompt, the rest is trained."""
-    names = [f for _, f, _, _ in string.Formatter().parse(template) if f is not None]
-    if names.count("output") != 1:
+    """Split a template at ``{output}``: the part before is the prompt, the rest is trained.
+
+    The halves are rebuilt from the parsed template, so ``{output!s}``/``{output:>5}`` and escaped
+    braces (``{{output}}``) split where the field really is."""
+    try:
+        parsed = list(string.Formatter().parse(template))
+    except ValueError as e:  # e.g. a lone '{'
+        raise DataError(f"template {template!r}: {e}") from None
+    if [f for _, f, _, _ in parsed].count("output") != 1:
         raise DataError(f"template {template!r}: must contain {{output}} exactly once (where the response goes)")
-    i = template.index("{output}")
-    return template[:i], template[i:]
+    halves: tuple[list[str], list[str]] = ([], [])
+    side = 0
+    for literal, name, spec, conv in parsed:
+        halves[side].append(literal.replace("{", "{{").replace("}", "}}"))
+        if name is None:
+            continue
+        if name == "output":
+            side = 1
+        halves[side].append("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}")
+    return "".join(halves[0]), "".join(halves[1])
 
 
 def instruction_example(fields: dict, template: str | None = None) -> Example:

@@ -50,6 +50,8 @@ def _instruction(rec, fields, template):
 
 
 def _conversation(rec, fields, roles):
+    from collections.abc import Hashable
+
     from ftk.data import BadRecord, check_messages, conversation_example
 
     if not isinstance(rec, dict):
@@ -69,7 +71,8 @@ def _conversation(rec, fields, roles):
         if not isinstance(t, dict):
             raise BadRecord("bad_messages", f"turn {j} is not an object")
         role = t.get(fields["role"])
-        role = roles.get(role, role)
+        if isinstance(role, Hashable):  # a list or object here is a bad role, reported by check_messages
+            role = roles.get(role, role)
         msgs.append({"role": role, "content": t.get(fields["content"])})
     return conversation_example(check_messages(msgs))
 

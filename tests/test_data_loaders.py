@@ -162,6 +162,24 @@ def test_missing_non_utf8_and_wrong_shape_files(fresh_manager, tmp_path):
         load(fresh_manager, "custom", path=str(txt))
 
 
+
+def test_bad_template_csv_field_and_role_are_one_line_errors(fresh_manager, tmp_path):
+    f = tmp_path / "d.json"
+    f.write_text('[{"instruction": "a", "output": "b"}]')
+    with pytest.raises(DataError, match=r"template '\{ \{output\}': unexpected"):
+        load(fresh_manager, "custom", path=str(f), template="{ {output}")
+    ex = load(fresh_manager, "custom", path=str(f), template="{{x}} {instruction} -> {output!s}").train[0]
+    assert [(s.text, s.train) for s in ex.segments] == [("{x} a -> ", False), ("b", True)]
+    big = tmp_path / "big.csv"
+    big.write_text("instruction,output\na,b\nc," + "x" * 200_000 + "\n")
+    with pytest.raises(DataError, match=r"big.csv:3: not valid CSV: field larger"):
+        load(fresh_manager, "custom", path=str(big))
+    conv = tmp_path / "c.jsonl"
+    conv.write_text(json.dumps({"messages": [{"role": ["u"], "content": "x"}, {"role": "assistant", "content": "y"}]}))
+    with pytest.raises(DataError, match=r"c.jsonl:1: message 0: role \['u'\] is not"):
+        load(fresh_manager, "custom", path=str(conv), shape="conversation", roles={"human": "user"})
+
+
 # -- commands ---------------------------------------------------------------------------------------
 @pytest.fixture
 def recipe_file(tmp_path):
