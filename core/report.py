@@ -141,10 +141,12 @@ def recipe_summary(recipe: dict) -> list[str]:
 
 
 def write_report(output_dir, recipe: dict, metrics: dict) -> Path:
+    from ftk.run import redact  # secret-looking option values never reach the report
+
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# ftk run report", ""]
-    md += ["## Recipe", ""] + recipe_summary(recipe or {}) + [""]
+    md += ["## Recipe", ""] + recipe_summary(redact(recipe or {})) + [""]
     md += ["## Metrics", ""] + metrics_table(metrics or {}) + [""]
     fin = (metrics or {}).get("finetuned") or (metrics or {}).get("base") or {}
     if "eval_samples" in fin or "eval_tokens" in fin:

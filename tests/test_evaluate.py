@@ -352,3 +352,12 @@ def test_eval_command_4bit_base_then_adapter(tmp_path, model):
     assert both["base"]["eval_samples"] == 2 and base["base"]["eval_tokens"] > 0
     assert json.loads((tmp_path / "ev" / "metrics.json").read_text())["finetuned"] == both["finetuned"]
     assert "| perplexity |" in (tmp_path / "ev" / "report.md").read_text()
+
+
+def test_report_redacts_secret_looking_options(tmp_path):
+    from ftk.report import write_report
+
+    recipe = {"model": {"name": "m", "quantization": {"method": "nf4", "hub_token": "hf_SECRET1"}},
+              "adapter": {"method": "lora", "api_key": "SECRET2"}}
+    text = write_report(tmp_path, recipe, {}).read_text()
+    assert "SECRET" not in text and '"hub_token": "***"' in text
