@@ -46,9 +46,10 @@ def apply(model, options, ctx):
 
     targets = resolve_targets(options.get("target_modules", ["q_proj", "v_proj"]), ctx)
     if isinstance(targets, list):
-        # PEFT only fails when *no* name matches; a typo among several would pass silently.
-        leaves = {n.rsplit(".", 1)[-1] for n, _ in model.named_modules()}
-        missing = [t for t in targets if t not in leaves and not any(n.endswith(t) for n, _ in model.named_modules())]
+        # PEFT only fails when *no* name matches; a typo among several would pass silently. A name
+        # matches as PEFT matches it: the whole module path or a suffix after a dot.
+        names = [n for n, _ in model.named_modules()]
+        missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in names)]
         if missing:
             raise FtkError(f"adapter.target_modules: no module named {', '.join(map(repr, missing))} in this model "
                            f"(linear layers: {', '.join(sorted(_linear_leaves(model)))})")

@@ -120,6 +120,10 @@ def test_all_linear_preset_comes_from_the_hook(fresh_manager):
 def test_unknown_target_module_is_an_error(fresh_manager):
     with pytest.raises(FtkError, match=r"adapter\.target_modules: no module named 'qproj'"):
         load(fresh_manager, adapter={"target_modules": ["q_proj", "qproj"]})
+    # a bare suffix of a name is no match for PEFT either
+    with pytest.raises(FtkError, match=r"adapter\.target_modules: no module named 'proj'"):
+        load(fresh_manager, adapter={"target_modules": ["q_proj", "proj"]})
+    load(fresh_manager, adapter={"target_modules": ["self_attn.q_proj"]})  # a dotted suffix is one
 
 
 def test_rslora_dora_modules_to_save(fresh_manager):
