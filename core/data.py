@@ -432,8 +432,9 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> Example:
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        start, end = len(render(messages[:k], gen=True)), len(render(messages[: k + 1]))
-        if not (full.startswith(render(messages[:k], gen=True)) and full.startswith(render(messages[: k + 1]))):
+        before, through = render(messages[:k], gen=True), render(messages[: k + 1])
+        start, end = len(before), len(through)
+        if not (full.startswith(before) and full.startswith(through)):
             raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, so "
                             f"assistant turns cannot be located; use \"template\": \"default\"")
         if start > pos:
@@ -759,9 +760,11 @@ def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedD
     return loaded
 
 
-def _render(examples: Iterable[Example], entry: dict, tokenizer, where: str) -> list[Example]:
+def _render(examples: Iterable[Example], entry: dict, tokenizer, where: str, start: int = 0) -> list[Example]:
+    """Apply the entry's chat template where asked and check each example has trainable text;
+    ``start`` is the index of the first example (a later chunk of a stream)."""
     out = []
-    for j, ex in enumerate(examples):
+    for j, ex in enumerate(examples, start):
         if entry.get("template") == "chat":
             if not ex.messages:
                 raise DataError(f"{where}: loader {entry['loader']!r} gives no conversation form for example {j}; "
@@ -1086,6 +1089,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
     val_refs = [_Ref(blk, int(k), f"{name}#v{int(k)}") for name, _, blk, keep in val_parts for k in keep]
     val_rows = build_rows(val_refs, max_length, packing, None)
     counters = {"examples": 0, "dropped": {}, "truncated": 0}
+    skipped = _sum_counts(s[3].skipped for s in streams)  # kept current as the stream is read
 
     def generate():
         for name, entry, it, loaded, where in streams:
@@ -1094,7 +1098,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
                 chunk = list(itertools.islice(it, STREAM_CHUNK))
                 if not chunk:
                     break
-                exs = _render(chunk, entry, tokenizer, where)
+                exs = _render(chunk, entry, tokenizer, where, start=n)
                 blk = tokenize_examples(exs, tokenizer, d.get("train_on_inputs", False), False)
                 trainable, lens = blk.trainable_within(max_length), blk.lengths
                 keep = trainable > 0
@@ -1105,6 +1109,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
                 refs = [_Ref(blk, int(k), f"{name}#{n + int(k)}") for k in np.flatnonzero(keep)]
                 counters["examples"] += len(refs)
                 n += len(exs)
+                skipped.update(_sum_counts(s[3].skipped for s in streams))
                 rows = build_rows(refs, max_length, packing, np.random.default_rng([data_seed(recipe), n]))
                 yield from rows
 
@@ -1115,7 +1120,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
             return generate()
 
     stats = {"streaming": True, "validation": {"examples": len(val_refs), "rows": len(val_rows)},
-             "train": counters, "skipped": _sum_counts(s[3].skipped for s in streams),
+             "train": counters, "skipped": skipped,
              "settings": {"max_length": max_length, "packing": packing}}
     pad_to = max_length if (d.get("pad_to_max_length") and not packing) else None
     fp = hashlib.sha256(json.dumps([[s[3].fingerprint for s in streams], tokenizer_fingerprint(tokenizer),

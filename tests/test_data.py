@@ -273,6 +273,20 @@ def test_streaming_yields_packed_rows_and_holds_out_validation(fresh_manager, tm
     assert len(p.eval_pairs) == 10
 
 
+
+def test_streaming_counts_skipped_records_as_the_stream_is_read(fresh_manager, tmp_path, tok):
+    src = tmp_path / "s.jsonl"
+    good = [json.dumps(r) for r in ROWS[:1100]]
+    src.write_text("\n".join(good[:1050] + ["not json"] + good[1050:]) + "\n")  # the bad line is in chunk 2
+    r = load_recipe(data={"model": {"name": str(MODEL_DIR)},
+                          "data": {"datasets": [{"loader": "custom", "path": str(src), "on_error": "skip"}],
+                                   "streaming": True, "validation_size": 0},
+                          "training": {"max_steps": 2}}, manager=fresh_manager, base_dir=tmp_path)
+    p = prepare_data(r, tok, fresh_manager)
+    list(p.train)
+    assert p.stats["skipped"] == {"invalid_json": 1} and p.stats["train"]["examples"] > 1024
+
+
 def test_prepared_rows_cache_skips_loading_until_a_source_changes(fresh_manager, tmp_path, tok, monkeypatch):
     import json as _json
     import os
