@@ -403,13 +403,11 @@ class TokenBlock:
         return np.diff(self.offsets)
 
     def trainable_within(self, max_length: int) -> np.ndarray:
-        """Trainable labels per example within its first ``max_length`` tokens (first token excluded)."""
+        """Trainable labels per example within its first ``max_length`` tokens (the first token's
+        mask is always 0: :func:`tokenize_examples` clears it, nothing predicts that token)."""
         cs = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
         start = self.offsets[:-1]
-        end = start + np.minimum(self.lengths, max_length)
-        first = np.where(self.lengths > 0, self.mask[np.minimum(start, max(len(self.mask) - 1, 0))], 0) \
-            if len(self.mask) else np.zeros(len(self), np.int64)
-        return cs[end] - cs[start] - first
+        return cs[start + np.minimum(self.lengths, max_length)] - cs[start]
 
 
 def render_chat(tokenizer, messages: list[dict], where: str) -> Example:
@@ -961,18 +959,15 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
         p.digest = examples_digest(p.examples)
         p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d.get("train_on_inputs", False), d, progress,
                                                desc=f"tokenizing {p.name}", digest=p.digest)
-        lens = p.block.lengths
-        trainable = p.block.trainable_within(max_length)
-        too_long = lens > max_length
-        keep = trainable > 0
-        if d.get("truncation", "truncate") == "drop":
-            keep &= ~too_long
+        too_long = p.block.lengths > max_length
+        no_label = p.block.trainable_within(max_length) <= 0
+        if d.get("truncation") == "drop":
+            no_label &= ~too_long  # these are counted as too long
+            keep = ~(no_label | too_long)
             p.dropped["too_long"] = int(too_long.sum())
         else:
+            keep = ~no_label
             p.truncated = int((too_long & keep).sum())
-        no_label = trainable <= 0
-        if d.get("truncation") == "drop":
-            no_label &= ~too_long
         p.dropped["no_trainable_tokens"] = int(no_label.sum())
         idx = np.arange(len(p.examples))
         train_all, val_all = idx[: p.n_train], idx[p.n_train:]
@@ -1025,7 +1020,7 @@ def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
             "validation_from": "own split" if p.own_validation else (
                 f"validation_size {d.get('validation_size')}" if d.get("validation_size") else "none"),
             "tokens": _token_stats(lens),
-            "truncated": p.truncated, "dropped": {k: v for k, v in p.dropped.items()},
+            "truncated": p.truncated, "dropped": dict(p.dropped),
             "skipped": dict(p.skipped), "cache": "hit" if p.cache_hit else "miss",
         })
     sampled: dict[str, int] = {}
