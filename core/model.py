@@ -82,7 +82,7 @@ def _load_config(m: dict):
         raise FtkError(f"model.name: cannot load a model config from {m['name']!r}: {_first_line(e)}") from None
 
 
-def _torch_dtype(precision: str, quantized: bool):
+def _torch_dtype(precision: str):
     import torch
 
     if not torch.cuda.is_available():
@@ -133,7 +133,7 @@ def load_base(recipe: dict, plan=None, precision: str = "fp32"):
     m = recipe["model"]
     _check_attn(m.get("attn_implementation", "sdpa"))
     kwargs = dict(_hub_kwargs(m), attn_implementation=m.get("attn_implementation", "sdpa"),
-                  dtype=_torch_dtype(precision, plan is not None and plan.kbit))
+                  dtype=_torch_dtype(precision))
     if not m.get("allow_pickle"):
         kwargs["use_safetensors"] = True
     if plan is not None:
