@@ -193,8 +193,7 @@ class LLAMATrainer:
             raise FtkError(f"evaluate: {len(prompts)} test_prompts but {len(test_references)} test_references")
         gen = ev.generation_settings(self.recipe)
         q = ev.QualitativeEvaluator(self.model, self.tokenizer, self.manager)
-        preds = q.generate(prompts, max_length=gen.get("max_new_tokens", 256),
-                           **{k: v for k, v in gen.items() if k != "max_new_tokens"})
+        preds = q.generate(prompts, **ev._gen_call_kwargs(gen))
         out: dict[str, Any] = {"predictions": preds}
         if test_references is not None:
             out["bleu"] = q.compute_bleu(list(test_references), preds)
