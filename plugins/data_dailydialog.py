@@ -104,10 +104,10 @@ def _native_sources(path):
         zips = []
     for z in zips:
         try:
-            zf = zipfile.ZipFile(z)
+            with zipfile.ZipFile(z) as zf:
+                names = zf.namelist()
         except zipfile.BadZipFile:
             raise DataError(f"{z}: not a zip archive") from None
-        names = zf.namelist()
         for n in names:
             m = re.search(r"(?:^|/)dialogues_(train|validation|test|text)\.txt$", n)
             if not m:
@@ -116,8 +116,12 @@ def _native_sources(path):
             lab = {k: next((x for x in names if x.endswith(f"dialogues_{k}_{split}.txt")), None) for k in ("act", "emotion")}
 
             def opener(member, _z=z):
-                with zipfile.ZipFile(_z) as zz:
-                    return decode_utf8(zz.read(member), f"{_z}!{member}")
+                try:
+                    with zipfile.ZipFile(_z) as zz:
+                        data = zz.read(member)
+                except (zipfile.BadZipFile, OSError) as e:  # e.g. a damaged member (bad CRC)
+                    raise DataError(f"{_z}!{member}: cannot read: {e}") from None
+                return decode_utf8(data, f"{_z}!{member}")
 
             found.append((split, n, lab["act"], lab["emotion"], opener, f"{z}!"))
     if p.is_dir() and not zips:
@@ -180,7 +184,7 @@ def load(options, ctx):
         by_split = {}
         for s in srcs:
             by_split.setdefault(s[0], []).extend(_read_split(s, policy, mode, speakers, options.get("labels", True)))
-        train = by_split.get("train") or by_split.get("text")
+        train = by_split["train"] if "train" in by_split else by_split.get("text")  # [] if all were skipped
         if train is None:
             raise DataError(f"{path}: no training split (found {', '.join(sorted(by_split))})")
         files = sorted({s[5].rstrip("!") or s[1] for s in srcs} | {m for s in srcs if not s[5] for m in s[1:4] if m})
