@@ -99,10 +99,7 @@ def stats(recipe, as_json, overrides):
     """Examples per dataset and split, token counts, truncated/dropped/skipped, padding waste."""
     _, _, prepared = _prepare(recipe, overrides)
     st = prepared.stats
-    if as_json:
-        click.echo(json.dumps(st, indent=1))
-        return
-    if st.get("streaming"):
+    if as_json or st.get("streaming"):  # streaming stats have no per-dataset table
         click.echo(json.dumps(st, indent=1))
         return
     rows = [("DATASET", "TRAIN", "VALID", "TOK MEAN", "P95", "MAX", "TRUNC", "DROPPED", "SKIPPED", "CACHE")]

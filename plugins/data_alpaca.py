@@ -42,7 +42,7 @@ def _examples(located, policy, template):
 def _records(path, fmt, policy, template):
     from ftk.data import iter_records
 
-    return _examples(iter_records(path, None if fmt == "auto" else fmt, policy), policy, template)
+    return _examples(iter_records(path, fmt, policy), policy, template)  # detect_format reads "auto"
 
 
 def _hub_rows(rows, name, policy, template):
