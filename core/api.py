@@ -143,8 +143,10 @@ class LLAMATrainer:
         self.model = self.tokenizer = self.prepared = None
         self.model_info: dict = {}
         self.metrics: dict = {}
+        self._state = None
 
     def _prepare(self):
+        """Tokenizer, data and model without touching output_dir (evaluate() before train())."""
         if self.model is None:
             from ftk import data, model
 
@@ -153,22 +155,15 @@ class LLAMATrainer:
             self.model, self.model_info = model.load_model(self.recipe, self.manager, self.tokenizer)
 
     def train(self, resume: str | None = None) -> dict:
-        """Train; writes OUTPUT_DIR/adapter, recipe.json, metrics.json, logs. Returns the training metrics."""
+        """Train exactly as `ftk run` does (same checks before training, same outputs); writes
+        OUTPUT_DIR/adapter, recipe.json, metrics.json, logs. Returns the training metrics."""
         from ftk.io import atomic_write_json
-        from ftk.run import check_output_dir, is_main_process, redact
-        from ftk.train import train
+        from ftk.run import is_main_process, prepare_run, train_run
 
-        check_output_dir(str(self.output_dir), resume, self.overwrite)
-        if self.overwrite and not resume and self.output_dir.exists() and is_main_process():
-            import shutil
-
-            shutil.rmtree(self.output_dir)
-        self._prepare()
-        if is_main_process():
-            self.output_dir.mkdir(parents=True, exist_ok=True)
-            atomic_write_json(self.output_dir / "recipe.json", redact(dict(self.recipe)))
-        self.metrics["train"] = train(self.model, self.tokenizer, self.prepared, self.recipe, self.manager,
-                                      str(self.output_dir), resume=resume)
+        self._state = prepare_run(self.recipe, self.manager, resume, self.overwrite)
+        st = self._state
+        self.tokenizer, self.prepared, self.model, self.model_info = st.tokenizer, st.prepared, st.model, st.model_info
+        self.metrics["train"] = train_run(st, resume)
         if is_main_process():
             atomic_write_json(self.output_dir / "metrics.json", self.metrics)
         return self.metrics["train"]
@@ -179,15 +174,16 @@ class LLAMATrainer:
         ``test_references`` when given) with the recipe's generation settings."""
         from ftk import evaluate as ev
 
-        self._prepare()
         if test_prompts is None:
-            res = ev.evaluate_run(self.model, self.tokenizer, self.prepared, self.recipe, self.manager,
-                                  str(self.output_dir))
-            self.metrics.update(res)
-            from ftk.io import atomic_write_json
+            from ftk.run import finish_run
 
-            atomic_write_json(self.output_dir / "metrics.json", self.metrics)
-            return res
+            if getattr(self, "_state", None) is not None:  # after train(): write what `ftk run` writes
+                finish_run(self._state, self.metrics)
+                return {k: v for k, v in self.metrics.items() if k != "train"}
+            self._prepare()
+            return ev.evaluate_run(self.model, self.tokenizer, self.prepared, self.recipe, self.manager,
+                                   str(self.output_dir))
+        self._prepare()
         prompts = list(test_prompts)
         if test_references is not None and len(test_references) != len(prompts):
             raise FtkError(f"evaluate: {len(prompts)} test_prompts but {len(test_references)} test_references")

@@ -856,12 +856,10 @@ def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None,
 
 
 def _source_state(value: str) -> list | None:
-    """(path, size, mtime_ns) of a local file, or of every file below a local folder."""
+    """(path, size, mtime_ns) of a local file and the files beside it, or of every file below a folder."""
     p = Path(value)
-    if p.is_file():
-        st = p.stat()
-        return [[str(p), st.st_size, st.st_mtime_ns]]
-    files = sorted(f for f in p.rglob("*") if f.is_file())
+    # a named file's siblings count too: loaders read companions (validation.zip beside train.zip)
+    files = sorted(f for f in (p.parent.iterdir() if p.is_file() else p.rglob("*")) if f.is_file())
     if len(files) > 10000:
         return None
     return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]

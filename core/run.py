@@ -3,11 +3,13 @@ recipe chose; the concrete work lives in the plugins and in ftk.data / ftk.model
 ftk.evaluate."""
 from __future__ import annotations
 
+import contextlib
 import datetime as _dt
 import errno
 import os
 import platform
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 
 from ftk.errors import FtkError, RunError
@@ -70,7 +72,22 @@ def environment_info() -> dict:
     return {"versions": vers, "hardware": hw}
 
 
-def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> dict:
+@dataclass
+class RunState:
+    """A run between set-up and results: what `ftk run` and LLAMATrainer share."""
+
+    recipe: dict
+    manager: object
+    out: Path
+    tokenizer: object
+    prepared: object
+    model: object
+    model_info: dict
+    manifest: dict
+
+
+def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> RunState:
+    """Output folder, every check that can be made before training, data, model; writes recipe.json."""
     out = check_output_dir(recipe["output_dir"], resume, overwrite)
     if overwrite and not resume and out.exists() and is_main_process():
         import shutil
@@ -94,33 +111,62 @@ def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
         atomic_write_json(out / "recipe.json", redact(dict(recipe)))
+    used = _used_components(recipe, manager)
     manifest = {
         "started": started,
         **environment_info(),
-        "plugins": sorted({f"{c.package}=={c.version}" for c in _used_components(recipe, manager)}),
-        "components": [f"{c.key} ({c.plugin})" for c in _used_components(recipe, manager)],
+        "plugins": sorted({f"{c.package}=={c.version}" for c in used}),
+        "components": [f"{c.key} ({c.plugin})" for c in used],
         "data": {"fingerprint": prepared.fingerprint, "stats": prepared.stats},
         "model": model_info,
     }
-    try:
-        train_metrics = train_mod.train(model, tokenizer, prepared, recipe, manager, str(out), resume=resume)
-        metrics = {"train": train_metrics}
-        if is_main_process():
-            metrics.update(eval_mod.evaluate_run(model, tokenizer, prepared, recipe, manager, str(out)))
-            atomic_write_json(out / "metrics.json", metrics)
-            manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
-            atomic_write_json(out / "manifest.json", redact(manifest))
-            from ftk import report
+    return RunState(recipe, manager, out, tokenizer, prepared, model, model_info, manifest)
 
-            report.write_report(out, recipe, metrics)
+
+def train_run(state: RunState, resume: str | None = None) -> dict:
+    from ftk import train as train_mod
+
+    with _disk_errors(state.out):
+        return train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
+                               str(state.out), resume=resume)
+
+
+def finish_run(state: RunState, metrics: dict) -> dict:
+    """Evaluate (rank 0) and write metrics.json, manifest.json and report.md; returns ``metrics``."""
+    if not is_main_process():
+        return metrics
+    from ftk import evaluate as eval_mod
+    from ftk import report
+
+    with _disk_errors(state.out):
+        metrics.update(eval_mod.evaluate_run(state.model, state.tokenizer, state.prepared, state.recipe,
+                                             state.manager, str(state.out)))
+        atomic_write_json(state.out / "metrics.json", metrics)
+        state.manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        atomic_write_json(state.out / "manifest.json", redact(state.manifest))
+        report.write_report(state.out, state.recipe, metrics)
+    return metrics
+
+
+def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> dict:
+    state = prepare_run(recipe, manager, resume, overwrite)
+    return finish_run(state, {"train": train_run(state, resume)})
+
+
+@contextlib.contextmanager
+def _disk_errors(out: Path):
+    """A full or read-only disk mid-run becomes one line naming the last good checkpoint."""
+    try:
+        yield
     except OSError as e:
         if e.errno in (errno.ENOSPC, errno.EDQUOT, errno.EROFS, errno.EACCES):
+            from ftk import train as train_mod
+
             last = train_mod._last_checkpoint(out / train_mod.CHECKPOINTS)
             raise RunError(f"cannot write to {e.filename or out}: {e.strerror}; "
                            + (f"last good checkpoint {last}: free space, then `ftk run RECIPE --resume`"
                               if last else "no checkpoint was saved")) from None
         raise
-    return metrics
 
 
 def check_eval_data(prepared, metrics_objs) -> None:
@@ -157,4 +203,4 @@ def _used_components(recipe: dict, manager):
     return comps
 
 
-__all__ = ["run_recipe", "check_output_dir", "redact", "RunError"]
+__all__ = ["run_recipe", "prepare_run", "train_run", "finish_run", "check_output_dir", "redact", "RunError"]
