@@ -127,7 +127,9 @@ def run(ctx, recipe, overrides, resume, overwrite):
 
     r = load_recipe(recipe, overrides, manager=_manager(ctx))
     metrics = run_recipe(r, manager=_manager(ctx), resume=resume, overwrite=overwrite)
-    if int(os.environ.get("RANK", "0")) == 0 and ("finetuned" in metrics or "base" in metrics):
+    from ftk.run import is_main_process
+
+    if is_main_process() and ("finetuned" in metrics or "base" in metrics):
         from ftk.cmd_eval import format_table
 
         click.echo("\n" + format_table(metrics))

@@ -221,7 +221,9 @@ def load_model(recipe: dict, manager, tokenizer):
     gc = bool(m.get("gradient_checkpointing", False))
     trainable, total = count_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
-    if int(os.environ.get("RANK", "0")) == 0:
+    from ftk.run import is_main_process
+
+    if is_main_process():
         print(f"trainable params: {trainable:,} ({share:.2f}%) of {total:,}; precision {precision}; "
               f"quantization {qmethod}", flush=True)
         for n in notes:

@@ -11,13 +11,10 @@ from pathlib import Path
 
 from ftk.errors import FtkError, RunError
 from ftk.io import append_jsonl, atomic_write_text
+from ftk.run import is_main_process as _is_main  # one definition of "rank 0"
 
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
-
-
-def _is_main() -> bool:
-    return int(os.environ.get("RANK", "0")) == 0
 
 
 def _callback_classes():
