@@ -117,7 +117,7 @@ class StepTimer:
         return self.times[-1] - self.times[0]
 
 
-def setup_ftk(shape, steps, device, gc=False, lowp_frozen=False):
+def setup_ftk(shape, steps, device, gc=False):
     import torch
 
     from ftk import data as data_mod
@@ -154,12 +154,6 @@ def setup_ftk(shape, steps, device, gc=False, lowp_frozen=False):
         cdtype = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
         model = build_random_4bit(shape, device, cdtype)
         model = model_mod.prepare_for_training(model, recipe, mgr, kbit=True)
-        if lowp_frozen and cdtype != torch.float32:
-            # experiment: k-bit preparation upcasts frozen norms/embeddings/head to fp32, which costs a
-            # cast on every use under autocast; keep the frozen ones in the compute dtype instead
-            for n, prm in model.named_parameters():
-                if not prm.requires_grad and prm.dtype == torch.float32:
-                    prm.data = prm.data.to(cdtype)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         m = train_mod.train(model, tok, prepared, recipe, mgr, str(Path(tmp) / "run"), resume=None)
@@ -206,8 +200,7 @@ def setup_baseline(shape, steps, device):
             "gradient_checkpointing": False}
 
 
-SETUPS = {"ftk": setup_ftk, "ftk-gc": functools.partial(setup_ftk, gc=True), "baseline": setup_baseline,
-          "ftk-gc-lowp": functools.partial(setup_ftk, gc=True, lowp_frozen=True)}
+SETUPS = {"ftk": setup_ftk, "ftk-gc": functools.partial(setup_ftk, gc=True), "baseline": setup_baseline}
 
 
 def main():

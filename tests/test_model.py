@@ -213,3 +213,24 @@ def test_merge_and_generate_load_an_adapter_trained_with_an_added_token(tmp_path
     out = M.merge_adapter(adapter, tmp_path / "merged")
     merged = AutoModelForCausalLM.from_pretrained(out)
     assert merged.get_input_embeddings().weight.shape[0] == len(tok)
+
+
+def test_bf16_keeps_frozen_weights_bf16_and_adapter_fp32(fresh_manager, tmp_path):
+    """With bf16 compute, frozen non-quantized weights stay bf16 (no fp32 copies to cast on every use)
+    while the trainable adapter stays fp32, and a training step gives a finite loss."""
+    from ftk.recipe import load_recipe
+
+    r = load_recipe(data={"model": {"name": str(MODEL_DIR), "quantization": {"method": "nf4"}},
+                          "data": {"datasets": [{"loader": "alpaca", "path": str(ALPACA)}]},
+                          "training": {"precision": "bf16"}, "output_dir": str(tmp_path)}, manager=fresh_manager)
+    model, info = M.load_model(r, fresh_manager, None)
+    assert info["precision"] == "bf16"
+    trainable = [p for p in model.parameters() if p.requires_grad]
+    frozen_float = [p for p in model.parameters() if not p.requires_grad and p.is_floating_point()]
+    assert trainable and all(p.dtype == torch.float32 for p in trainable)
+    assert frozen_float and all(p.dtype == torch.bfloat16 for p in frozen_float)
+    ids = torch.randint(3, 500, (2, 16))
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        loss = model(input_ids=ids, labels=ids).loss
+    loss.backward()
+    assert torch.isfinite(loss) and all(p.grad is not None for p in trainable)
