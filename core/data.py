@@ -862,7 +862,7 @@ def _source_state(value: str) -> list | None:
     files = sorted(f for f in (p.parent.iterdir() if p.is_file() else p.rglob("*")) if f.is_file())
     if len(files) > 10000:
         return None
-    return [[str(f), f.stat().st_size, f.stat().st_mtime_ns] for f in files]
+    return [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in (f.stat(),)]
 
 
 def _result_key(recipe: dict, tokenizer, manager) -> str | None:

@@ -32,6 +32,11 @@ def is_main_process() -> bool:
     return int(os.environ.get("RANK", "0")) == 0
 
 
+def nearest_existing(path: Path) -> Path:
+    """``path`` itself, or its closest ancestor that exists (what a not-yet-created folder lands in)."""
+    return path if path.exists() else next((p for p in path.parents if p.exists()), Path("/"))
+
+
 def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Path:
     """Refuse to clobber a previous run; fail early if the folder cannot be written."""
     out = Path(output_dir)
@@ -43,7 +48,7 @@ def check_output_dir(output_dir: str, resume: str | None, overwrite: bool) -> Pa
                        f"or --overwrite to replace it")
     if resume and resume != "latest" and not Path(resume).exists():
         raise FtkError(f"--resume: checkpoint {resume} does not exist")
-    probe_parent = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
+    probe_parent = nearest_existing(out)
     if not probe_parent.is_dir():
         raise FtkError(f"output_dir: {out} cannot be created: {probe_parent} is a file, not a folder")
     if not os.access(probe_parent, os.W_OK):
@@ -188,8 +193,7 @@ def check_disk_space(out: Path, model_info: dict, recipe: dict) -> None:
     # adapter (fp32) + each kept checkpoint (adapter + Adam's two moments) + logs and margin
     kept = (t.get("save_total_limit") or 2) + 1 if t.get("save_steps") else 0
     needed = trainable * 4 * (1 + 3 * kept) + 16 * 1024**2
-    probe = out if out.exists() else next((p for p in out.parents if p.exists()), Path("/"))
-    free = shutil.disk_usage(probe).free
+    free = shutil.disk_usage(nearest_existing(out)).free
     if free < needed:
         raise FtkError(f"output_dir: {out} has {free / 1024**2:.0f} MiB free; this run needs about "
                        f"{needed / 1024**2:.0f} MiB for the adapter and checkpoints")
