@@ -7,6 +7,8 @@ import sys
 
 import click
 
+from ftk.commands import set_option
+
 from ftk import __version__
 from ftk.errors import FtkError
 
@@ -75,13 +77,11 @@ def plugins_show(ctx, component):
 
 
 # -- recipes ----------------------------------------------------------------------------------------
-_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                           help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
 
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@_set_option
+@set_option
 @click.option("--print", "show", is_flag=True, help="Print the resolved recipe (defaults filled).")
 @click.pass_context
 def validate(ctx, recipe, overrides, show):
@@ -115,7 +115,7 @@ def schema(ctx, markdown):
 
 @cli.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@_set_option
+@set_option
 @click.option("--resume", is_flag=False, flag_value="latest", default=None, metavar="[PATH]",
               help="Continue from the latest checkpoint in the output dir, or from PATH.")
 @click.option("--overwrite", is_flag=True, help="Replace an existing output dir.")

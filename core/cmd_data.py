@@ -7,8 +7,8 @@ import sys
 
 import click
 
-_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                           help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
+from ftk.commands import set_option
+
 
 
 def _prepare(recipe_path: str, overrides, reuse: bool = True):
@@ -74,7 +74,7 @@ def data():
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-n", "n", type=click.IntRange(min=1), default=3, show_default=True, help="Examples to show.")
 @click.option("--json", "as_json", is_flag=True, help="Print [{text, input_ids, labels, source}, ...].")
-@_set_option
+@set_option
 def preview(recipe, n, as_json, overrides):
     """The first N training examples exactly as the model sees them. Masked (untrained) tokens are
     shown as [[...]]; everything else, including </s>, carries a label."""
@@ -94,7 +94,7 @@ def preview(recipe, n, as_json, overrides):
 @data.command("stats")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
-@_set_option
+@set_option
 def stats(recipe, as_json, overrides):
     """Examples per dataset and split, token counts, truncated/dropped/skipped, padding waste."""
     _, _, prepared = _prepare(recipe, overrides)

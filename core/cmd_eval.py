@@ -6,6 +6,8 @@ from pathlib import Path
 
 import click
 
+from ftk.commands import set_option
+
 from ftk.errors import FtkError
 
 
@@ -50,15 +52,13 @@ def format_table(metrics: dict) -> str:
     return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
 
 
-_set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
-                           help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
 
 
 @click.command("eval")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("--adapter", type=click.Path(file_okay=False), default=None,
               help="A trained adapter folder (OUTPUT_DIR/adapter). Without it, only the base model is scored.")
-@_set_option
+@set_option
 @click.option("--no-base", is_flag=True, help="With --adapter: skip the base-model comparison.")
 @click.option("--out", type=click.Path(file_okay=False), default=None,
               help="Write metrics.json, generations.jsonl and report.md into this folder (else nothing is written).")

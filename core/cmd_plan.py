@@ -5,10 +5,12 @@ import json
 
 import click
 
+from ftk.commands import set_option
+
 
 @click.command()
 @click.argument("recipe", type=click.Path(dir_okay=False))
-@click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE", help="Override a recipe value.")
+@set_option
 @click.option("--json", "as_json", is_flag=True, help="Print JSON.")
 @click.option("--no-data", is_flag=True, help="Skip tokenizing the data (no token counts or step estimate).")
 def plan(recipe, overrides, as_json, no_data):

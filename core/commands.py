@@ -3,6 +3,12 @@ from __future__ import annotations
 
 import importlib
 
+import click
+
+# the one `--set` option every recipe-taking command shares
+set_option = click.option("--set", "overrides", multiple=True, metavar="KEY.PATH=VALUE",
+                          help="Override a recipe value (parsed as JSON when it parses). Repeatable.")
+
 # module -> attribute names of click commands to add
 _MODULES = {
     "ftk.cmd_data": ["data"],
