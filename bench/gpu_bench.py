@@ -4,8 +4,14 @@ nested, LoRA r=8 on q_proj/v_proj, batch 4 x length 512, a fixed number of optim
 precision, plain Trainer + PEFT, no gradient checkpointing). Prints useful (non-padding) tokens/s and
 peak GPU memory for each, with the card's name, and the ratio measured in the same run.
 
+On a GPU, ftk's default ("auto") is gradient checkpointing plus torch.compile of the decoder layers;
+the variants measure the levers one at a time: ftk-eager (no compile), ftk-nogc (no checkpointing),
+ftk-nogc-eager (neither).
+
     python bench/gpu_bench.py                 # on a GPU machine (bench/gpu.sh wraps it)
-    python bench/gpu_bench.py --tiny          # the same code path with a tiny shape, on the CPU
+    python bench/gpu_bench.py --tiny          # the same code path (checkpointing + compile), tiny, on the CPU
+    python bench/gpu_bench.py --set training.compile=false   # any recipe setting, for every ftk setup
+    FTK_BENCH_SAVED=1 ...                     # also tally the tensors saved for backward in one step
 """
 from __future__ import annotations
 
@@ -87,6 +93,9 @@ class StepTimer:
             prof = None
 
             def on_step_begin(self, args, state, control, **kw):
+                if os.environ.get("FTK_BENCH_SAVED") == "1" and state.global_step == 2:
+                    self.saved = outer.saved_hooks(kw["model"])
+                    self.saved.__enter__()
                 if profile and state.global_step == 2:
                     import torch
 
@@ -96,11 +105,22 @@ class StepTimer:
                     self.prof = torch.profiler.profile(activities=acts)
                     self.prof.__enter__()
 
+            saved = None
+
             def on_step_end(self, args, state, control, **kw):
                 import torch
 
                 if torch.cuda.is_available():
                     torch.cuda.synchronize()
+                    if state.global_step == 1:  # the first step holds compilation and allocator warm-up
+                        outer.peak_first = torch.cuda.max_memory_allocated()
+                        torch.cuda.reset_peak_memory_stats()
+                if self.saved is not None:
+                    self.saved.__exit__(None, None, None)
+                    self.saved = None
+                    top = sorted(outer.saved.items(), key=lambda kv: -kv[1][1])[:12]
+                    outer.saved_summary = (f"{sum(b for _, b in outer.saved.values()) / 2**30:.2f} GiB; "
+                                           + "; ".join(f"{n} x {k} = {b / 2**20:.0f} MiB" for k, (n, b) in top))
                 if self.prof is not None and state.global_step == 4:
                     self.prof.__exit__(None, None, None)
                     key = "self_cuda_time_total" if torch.cuda.is_available() else "self_cpu_time_total"
@@ -111,13 +131,36 @@ class StepTimer:
                 outer.times.append(time.perf_counter())
 
         self.times: list[float] = []
+        self.peak_first = 0
+        self.saved_summary = None
+        self.saved: dict = {}
         self.callback = CB()
+
+    def saved_hooks(self, model):
+        """FTK_BENCH_SAVED=1: tally what autograd keeps for backward during one step (distinct
+        storages, parameters excluded), by shape and dtype, to see where activation memory goes."""
+        import torch
+
+        params = {p.untyped_storage().data_ptr() for p in model.parameters()}
+        seen: set = set()
+
+        def pack(t):
+            ptr = t.untyped_storage().data_ptr()
+            if ptr not in params and ptr not in seen:
+                seen.add(ptr)
+                key = f"{tuple(t.shape)} {str(t.dtype).replace('torch.', '')}"
+                n, b = self.saved.get(key, (0, 0))
+                self.saved[key] = (n + 1, b + t.untyped_storage().nbytes())
+            return t
+
+        return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
     def seconds(self) -> float:
         return self.times[-1] - self.times[0]
 
 
-def setup_ftk(shape, steps, device, gc=False):
+def setup_ftk(shape, steps, device, overrides=()):
+    """ftk's default path; `overrides` are recipe settings ("training.compile", False) for the variants."""
     import torch
 
     from ftk import data as data_mod
@@ -139,15 +182,16 @@ def setup_ftk(shape, steps, device, gc=False):
     mgr.register(Timing(), name="bench-timing")
     with tempfile.TemporaryDirectory() as tmp:
         recipe = load_recipe(data={
-            "model": {"name": str(tok_dir), "quantization": {"method": "nf4", "nested": True},
-                      "gradient_checkpointing": gc},
+            "model": {"name": str(tok_dir), "quantization": {"method": "nf4", "nested": True}},
             "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
             "data": {"datasets": [{"loader": "alpaca", "path": str(alpaca)}], "max_length": 512,
                      "validation_size": 0, "cache": False},
             "training": {"max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
                          "report_to": ["none"], "logging_steps": 1, "save_steps": None},
             "evaluation": {"metrics": [], "compare_base": False},
-            "output_dir": str(Path(tmp) / "run")}, manager=mgr)
+            "output_dir": str(Path(tmp) / "run")}, manager=mgr,
+            overrides=json.loads(os.environ.get("FTK_BENCH_BASE", "[]")) + [f"{k}={json.dumps(v)}" for k, v in overrides]
+            + json.loads(os.environ.get("FTK_BENCH_SET", "[]")))
         tok = model_mod.load_tokenizer(recipe)
         prepared = data_mod.prepare_data(recipe, tok, mgr)
         precision = model_mod.resolve_precision("auto")
@@ -157,11 +201,14 @@ def setup_ftk(shape, steps, device, gc=False):
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         m = train_mod.train(model, tok, prepared, recipe, mgr, str(Path(tmp) / "run"), resume=None)
+        from torch._dynamo.utils import counters
         rows = prepared.train
         per_row = sum(sum(1 for _ in rows[i]["input_ids"]) for i in range(len(rows))) / len(rows)
-    return {"seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": per_row * 4,
+    return {"peak_first": timer.peak_first, "saved_for_backward": timer.saved_summary, "seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": per_row * 4,
             "final_loss": m.get("final_loss"), "precision": precision,
-            "gradient_checkpointing": bool(recipe["model"].get("gradient_checkpointing"))}
+            "gradient_checkpointing": model_mod.gradient_checkpointing_on(recipe),
+            "compiled_layers": m.get("compiled_layers", 0), "graphs": dict(counters["stats"]),
+            "graph_breaks": sum(counters["graph_break"].values())}
 
 
 def setup_baseline(shape, steps, device):
@@ -195,21 +242,27 @@ def setup_baseline(shape, steps, device):
         tr.train()
     useful = sum(sum(a) for a in enc["attention_mask"][: steps * 4]) / steps
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
-    return {"seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": useful,
+    return {"peak_first": timer.peak_first, "saved_for_backward": timer.saved_summary, "seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": useful,
             "final_loss": losses[-1] if losses else None, "precision": "fp16" if cuda else "fp32",
             "gradient_checkpointing": False}
 
 
-SETUPS = {"ftk": setup_ftk, "ftk-gc": functools.partial(setup_ftk, gc=True), "baseline": setup_baseline}
+SETUPS = {"baseline": setup_baseline, "ftk": setup_ftk,
+          "ftk-eager": functools.partial(setup_ftk, overrides=[("training.compile", False)]),
+          "ftk-nogc": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False)]),
+          "ftk-nogc-eager": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False),
+                                                                    ("training.compile", False)])}
 
 
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny shape (runs on the CPU)")
     ap.add_argument("--steps", type=int, default=None)
-    ap.add_argument("--setups", default="baseline,ftk,ftk-gc")
+    ap.add_argument("--setups", default="baseline,ftk,ftk-eager,ftk-nogc")
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--out", default=None)
+    ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
+                    help="extra recipe setting for every ftk setup (after the setup's own)")
     a = ap.parse_args()
     import torch
 
@@ -222,26 +275,36 @@ def main():
         res["setup"] = a.setup
         res["tokens_per_s"] = res["useful_tokens_per_step"] * res["timed_steps"] / res["seconds"]
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
+        res["peak_first_step_gpu_bytes"] = res.pop("peak_first", None)
         res["peak_rss_bytes"] = common.peak_rss_bytes()
         common.emit(res)
         return
     extra = (["--tiny"] if a.tiny else []) + ["--steps", str(steps)]
-    results = [common.run_setup(Path(__file__), s, extra) for s in a.setups.split(",")]
+    if a.set:
+        os.environ["FTK_BENCH_SET"] = json.dumps(a.set)  # reaches each setup's subprocess
+    if a.tiny:  # on the CPU, take the path that "auto" picks on a GPU
+        os.environ["FTK_BENCH_BASE"] = json.dumps(["model.gradient_checkpointing=true", "training.compile=true"])
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (tiny shape)"
-    print(f"device: {card}; shape: {'tiny' if a.tiny else 'LLaMA-7B'}; {steps} steps of batch 4 x 512")
-    by = {r["setup"]: r for r in results}
-    for r in results:
+    print(f"device: {card}; shape: {'tiny' if a.tiny else 'LLaMA-7B'}; {steps} steps of batch 4 x 512", flush=True)
+    results: list[dict] = []
+    for name in a.setups.split(","):  # each line printed (and saved) as soon as its run ends
+        r = common.run_setup(Path(__file__), name, extra)
+        results.append(r)
+        base = next((x for x in results if x["setup"] == "baseline" and "tokens_per_s" in x), None)
         if "error" in r:
-            print(f"{r['setup']:<9} ERROR {r['error'][-1500:]}")
-            continue
-        ratio = r["tokens_per_s"] / by["baseline"]["tokens_per_s"] if "tokens_per_s" in by.get("baseline", {}) else float("nan")
-        peak = r["peak_gpu_bytes"] if r["peak_gpu_bytes"] is not None else r["peak_rss_bytes"]
-        print(f"{r['setup']:<9} useful tok/s {r['tokens_per_s']:10.0f}  x{ratio:5.2f} vs baseline  "
-              f"peak {'GPU' if r['peak_gpu_bytes'] is not None else 'RSS'} {peak / 2**30:6.2f} GiB  "
-              f"loss {r['final_loss']}  {r['precision']}  grad-ckpt {r['gradient_checkpointing']}")
-    if a.out:
-        Path(a.out).write_text(json.dumps({"device": card, "results": results}, indent=2))
-
+            print(f"{r['setup']:<14} ERROR {r['error'][-1500:]}", flush=True)
+        else:
+            ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
+            peak = r["peak_gpu_bytes"] if r["peak_gpu_bytes"] is not None else r["peak_rss_bytes"]
+            print(f"{r['setup']:<14} useful tok/s {r['tokens_per_s']:10.0f}  x{ratio:5.2f} vs baseline  "
+                  f"peak {'GPU' if r['peak_gpu_bytes'] is not None else 'RSS'} {peak / 2**30:6.2f} GiB "
+                  f"(first step {(r.get('peak_first_step_gpu_bytes') or 0) / 2**30:.2f})  "
+                  f"loss {r['final_loss']}  {r['precision']}  grad-ckpt {r['gradient_checkpointing']}  "
+                  f"compiled layers {r.get('compiled_layers', 0)} graph breaks {r.get('graph_breaks', 0)}", flush=True)
+            if r.get("saved_for_backward"):
+                print(f"{'':<14} saved for backward in one step (parameters excluded): {r['saved_for_backward']}")
+        if a.out:
+            Path(a.out).write_text(json.dumps({"device": card, "results": results}, indent=2))
 
 if __name__ == "__main__":
     main()

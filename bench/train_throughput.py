@@ -11,6 +11,7 @@ and to TRL measured in the same run.
 from __future__ import annotations
 
 import argparse
+import functools
 import json
 import sys
 import tempfile
@@ -143,7 +144,9 @@ def setup_ftk(model_dir: Path, rows: list[dict], **training) -> dict:
             "train_loss": m.get("train_loss"), "steps": m.get("steps"), "precision": info.get("precision")}
 
 
-SETUPS = {"baseline": setup_baseline, "trl": setup_trl, "ftk": setup_ftk}
+SETUPS = {"baseline": setup_baseline, "trl": setup_trl, "ftk": setup_ftk,
+          # a lever measured on its own: torch.compile of the decoder layers (compile time included)
+          "ftk-compile": functools.partial(setup_ftk, compile=True)}
 
 
 def main() -> None:

@@ -31,7 +31,7 @@ class ModelConfig:
     trust_remote_code: bool = False
     allow_pickle: bool = False
     attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool = False
+    gradient_checkpointing: bool | str = "auto"  # auto: on with a CUDA GPU
 
     def to_recipe(self) -> dict:
         if not self.name:
@@ -90,6 +90,7 @@ class TrainingConfig:
     lr_scheduler: str = "cosine"
     optimizer: str = "paged_adamw_32bit"
     precision: str = "auto"
+    compile: bool | str = "auto"  # torch.compile the decoder layers; auto: on with a CUDA GPU
     seed: int = 42
     save_steps: int | None = None
     save_total_limit: int | None = 2

@@ -46,6 +46,19 @@ def resolve_precision(requested: str) -> str:
     return requested
 
 
+def gradient_checkpointing_on(recipe: dict, cuda: bool | None = None) -> bool:
+    """model.gradient_checkpointing resolved: "auto" is on when training on a CUDA GPU, where memory is
+    what limits QLoRA, and off on the CPU, where RAM is plentiful and compute is not."""
+    value = (recipe.get("model") or {}).get("gradient_checkpointing", "auto")
+    if value != "auto":
+        return bool(value)
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    return bool(cuda)
+
+
 # -- tokenizer ------------------------------------------------------------------------------------
 def _hub_kwargs(m: dict) -> dict:
     return {"revision": m.get("revision"), "cache_dir": m.get("cache_dir"),
@@ -191,7 +204,7 @@ def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
 
     if ctx is None:
         ctx, _ = model_context(recipe, manager, model.config)
-    gc = bool(recipe["model"].get("gradient_checkpointing", False))
+    gc = gradient_checkpointing_on(recipe)
     gc_kwargs = {"use_reentrant": False}
     if kbit:
         from peft import prepare_model_for_kbit_training
@@ -229,7 +242,7 @@ def load_model(recipe: dict, manager, tokenizer):
     notes = list(plan.notes)
     model = prepare_for_training(model, recipe, manager, plan.kbit, ctx)
     amethod = (recipe.get("adapter") or {"method": "lora"})["method"]
-    gc = bool(m.get("gradient_checkpointing", False))
+    gc = gradient_checkpointing_on(recipe)
     trainable, total = count_parameters(model)
     share = 100.0 * trainable / total if total else 0.0
     from ftk.run import is_main_process

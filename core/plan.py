@@ -12,6 +12,8 @@ from __future__ import annotations
 import math
 from dataclasses import dataclass
 
+from ftk.model import gradient_checkpointing_on
+
 GB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
@@ -108,7 +110,7 @@ def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
     # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
     per_layer_tok = 4 * (3 * h) * 2 + d * (h + lora_act + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
     per_layer_tok += len(targets) * h  # dropout masks (1 byte)
-    ckpt = bool(recipe.get("model", {}).get("gradient_checkpointing", False))
+    ckpt = gradient_checkpointing_on(recipe, cuda)
     # saved tensors, plus one layer's worth of their gradients in flight during backward (with
     # checkpointing: each layer's input, plus the one layer being recomputed and its gradients)
     if ckpt:

@@ -2,6 +2,8 @@
 TensorBoard into OUTPUT_DIR/logs), checkpoints/resume, Ctrl-C checkpointing, atomic adapter save."""
 from __future__ import annotations
 
+import copy
+import functools
 import math
 import os
 import shutil
@@ -199,6 +201,65 @@ def save_adapter(model, tokenizer, output_dir: str) -> Path:
     return out
 
 
+def compile_on(recipe: dict) -> bool:
+    """training.compile resolved: "auto" is on when training on a CUDA GPU with Triton for the kernels."""
+    value = (recipe.get("training") or {}).get("compile", "auto")
+    if value != "auto":
+        return bool(value)
+    import importlib.util
+
+    import torch
+
+    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
+
+
+def compile_layers(model, recipe: dict) -> list:
+    """torch.compile every decoder layer (transformers' GradientCheckpointingLayer) in place; returns the
+    layers. Per-layer graphs are shared by identical layers and avoid the graph breaks of a whole-model
+    compile (mask building, PEFT wrappers). Only the layer's own forward is compiled: gradient
+    checkpointing stays an eager wrapper around it, because compiling the checkpoint into the graph
+    leaves the recompute decision to the partitioner, which (torch 2.11, H200) kept every 4-bit matmul
+    output: 9.7 GiB instead of 5 GiB for a 7B model. Under "auto" a layer that fails to compile runs
+    eagerly (dynamo's suppress_errors)."""
+    if not compile_on(recipe):
+        return []
+    import torch
+    from transformers.modeling_layers import GradientCheckpointingLayer
+
+    layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
+    if (recipe.get("training") or {}).get("compile", "auto") == "auto":
+        torch._dynamo.config.suppress_errors = True
+    # identical layers share one graph; layer 0 (input without grad) and eval (no grad) add variants
+    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
+    compiled: dict = {}
+    for layer in layers:
+        # transformers wraps each layer class's forward in its checkpointing wrapper (functools.wraps)
+        raw = getattr(type(layer).forward, "__wrapped__", None)
+        if raw is None:
+            layer.compile()
+            continue
+        if raw not in compiled:
+            compiled[raw] = torch.compile(raw)
+        layer.forward = functools.partial(_layer_forward, compiled[raw], layer)
+    return layers
+
+
+def _layer_forward(fn, layer, *args, **kwargs):
+    """What transformers' checkpointing wrapper does, around the compiled forward."""
+    import torch
+
+    if layer.gradient_checkpointing and layer.training and torch.is_grad_enabled():
+        return layer._gradient_checkpointing_func(functools.partial(fn, layer, **kwargs), *args)
+    return fn(layer, *args, **kwargs)
+
+
+def uncompile_layers(layers: list) -> None:
+    """Back to eager code after training: generation's growing KV cache would recompile every step."""
+    for layer in layers:
+        layer.__dict__.pop("forward", None)  # the instance attribute compile_layers set
+        layer._compiled_call_impl = None  # what nn.Module.compile() sets
+
+
 def _loss_rows(history: list[dict]) -> list[dict]:
     return [h for h in history if "loss" in h and "eval_loss" not in h]
 
@@ -226,15 +287,23 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         tb.logging_dir = str(out / "logs")
         callbacks.append(tb)
     callbacks += manager.trainer_callbacks(recipe, output_dir) if manager is not None else []
-    trainer = Trainer(model=model, args=args, data_collator=prepared.collator, train_dataset=train_ds,
+    collator = prepared.collator
+    if compile_on(recipe) and (recipe.get("data") or {}).get("packing", True) and not collator.pad_to:
+        # packed rows are nearly full: padding them to max_length costs little and gives every batch
+        # one shape, so the layers compile once instead of again for dynamic lengths
+        collator = copy.copy(collator)
+        collator.pad_to = int((recipe.get("data") or {}).get("max_length", 512))
+    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds,
                       eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
     metrics: dict = {}
     if eval_ds is not None and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
+    compiled = compile_layers(model, recipe)  # after the eager evaluation: no extra no-grad graphs
     started = time.time()
     try:
         result = trainer.train(resume_from_checkpoint=ckpt)
     except KeyboardInterrupt:
+        uncompile_layers(compiled)
         step = trainer.state.global_step
         saved = _last_checkpoint(Path(args.output_dir))
         if step > 0 and (saved is None or not saved.endswith(f"-{step}")):
@@ -245,6 +314,7 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
             raise RunError(f"interrupted at step {step}; checkpoint saved in {saved}; continue with "
                            f"`ftk run RECIPE --resume` (output_dir {where})") from None
         raise RunError(f"interrupted at step {step} before any optimizer step; nothing to resume") from None
+    uncompile_layers(compiled)
     history = trainer.state.log_history
     losses = _loss_rows(history)
     metrics.update({
@@ -257,6 +327,7 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         "runtime_s": round(time.time() - started, 3),
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "resumed_from": ckpt,
+        "compiled_layers": len(compiled),
     })
     if eval_ds is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
