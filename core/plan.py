@@ -110,6 +110,15 @@ def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
     # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
     per_layer_tok = 4 * (3 * h) * 2 + d * (h + lora_act + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
     per_layer_tok += len(targets) * h  # dropout masks (1 byte)
+    if d == 2:
+        # bf16 autocast with frozen bf16 weights (ftk's default on GPUs) keeps less: each RMSNorm one fp32
+        # copy of its input; each LoRA target its dropout output and mask (or the shared normed input);
+        # attention q, k, v and output; the MLP gate, up and SiLU(gate). 156 KB per token per layer for
+        # LLaMA-7B against 151 KB measured (H200, eager; saved-tensor tally of bench/gpu_bench.py).
+        lora_in = sum(shapes[t][0] for t in targets)
+        dropout = float((recipe.get("adapter") or {}).get("dropout", 0.05)) > 0
+        per_layer_tok = (2 * 4 * h + ((d + 1) * lora_in if dropout else d * h) + d * r * len(targets)
+                         + d * (2 * h + 2 * kv) + 3 * d * i)
     ckpt = gradient_checkpointing_on(recipe, cuda)
     # saved tensors, plus one layer's worth of their gradients in flight during backward (with
     # checkpointing: each layer's input, plus the one layer being recomputed and its gradients)
