@@ -165,6 +165,8 @@ def iter_records(path: str, fmt: str | None, policy: RecordPolicy) -> Iterator[t
         except json.JSONDecodeError as e:
             hint = " (one object per line? use a .jsonl file or \"format\": \"jsonl\")" if "Extra data" in e.msg else ""
             raise DataError(f"{path}:{e.lineno}:{e.colno}: JSON syntax error: {e.msg}{hint}") from None
+        except RecursionError:
+            raise DataError(f"{path}: JSON nested too deeply to read") from None
         if isinstance(data, dict):
             lists = [k for k, v in data.items() if isinstance(v, list)]
             if len(lists) == 1:
@@ -181,6 +183,9 @@ def iter_records(path: str, fmt: str | None, policy: RecordPolicy) -> Iterator[t
                 rec = json.loads(line)
             except json.JSONDecodeError as e:
                 policy.bad(f"{path}:{n}", BadRecord("invalid_json", f"line does not parse as JSON: {e.msg}"))
+                continue
+            except RecursionError:
+                policy.bad(f"{path}:{n}", BadRecord("invalid_json", "line is JSON nested too deeply to read"))
                 continue
             yield f"{path}:{n}", rec
     elif fmt in ("csv", "tsv"):

@@ -45,6 +45,8 @@ def load_json_file(path: str | os.PathLike) -> Any:
         return json.loads(text)
     except json.JSONDecodeError as e:
         raise FtkError(f"{path}:{e.lineno}:{e.colno}: JSON syntax error: {e.msg}") from None
+    except RecursionError:
+        raise FtkError(f"{path}: JSON nested too deeply to read") from None
 
 
 def parse_override(item: str) -> tuple[list[str], Any]:

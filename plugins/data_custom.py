@@ -62,7 +62,7 @@ def _conversation(rec, fields, roles):
 
         try:
             turns = json.loads(turns)
-        except json.JSONDecodeError:
+        except (json.JSONDecodeError, RecursionError):
             raise BadRecord("bad_messages", f"field {fields['messages']!r} is not a JSON list") from None
     if not isinstance(turns, list):
         raise BadRecord(f"missing_{fields['messages']}", f"missing list field {fields['messages']!r}")

@@ -202,3 +202,11 @@ def test_secrets_never_written(tmp_path):
     rec = {"report_to": {"wandb_api_key": "sekrit", "hub_token": "hf_abc"}, "x": [{"password": "p"}], "ok": 1}
     text = json.dumps(redact(rec))
     assert "sekrit" not in text and "hf_abc" not in text and '"p"' not in text and '"ok": 1' in text
+
+
+def test_deeply_nested_recipe_is_one_line_error(tmp_path, capsys):
+    f = tmp_path / "deep.json"
+    f.write_text("[" * 100_000 + "]" * 100_000)
+    code, _, err = run_cli(["validate", str(f)], capsys)
+    assert code == 2 and "Traceback" not in err
+    assert err.strip().splitlines() == [f"error: {f}: JSON nested too deeply to read"]
