@@ -7,17 +7,22 @@ import signal
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ALPACA, MODEL_DIR
 
 
-def test_torchrun_two_processes(tmp_path):
+@pytest.mark.parametrize("gpu_defaults", [False, True], ids=["eager", "checkpointed-compiled"])
+def test_torchrun_two_processes(tmp_path, gpu_defaults):
+    """Also with what "auto" picks on GPUs (checkpointing around compiled layers) under DDP."""
     out = tmp_path / "out"
     recipe = {
-        "model": {"name": str(MODEL_DIR), "quantization": {"method": "nf4"}},
+        "model": {"name": str(MODEL_DIR), "quantization": {"method": "nf4"}, "gradient_checkpointing": gpu_defaults},
         "adapter": {"method": "lora", "r": 4},
         "data": {"datasets": [{"loader": "alpaca", "path": str(ALPACA), "max_examples": 32}],
                  "max_length": 64, "validation_size": 4, "cache": False},
-        "training": {"max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1, "report_to": ["none"]},
+        "training": {"max_steps": 3, "batch_size": 2, "gradient_accumulation_steps": 1, "report_to": ["none"],
+                     "compile": gpu_defaults},
         "evaluation": {"metrics": ["perplexity"], "max_samples": 2, "compare_base": False,
                        "generation": {"max_new_tokens": 4, "num_beams": 1}},
         "output_dir": str(out),
@@ -32,13 +37,14 @@ def test_torchrun_two_processes(tmp_path):
                                    str(tmp_path / "r.json")], env=env, cwd=tmp_path, text=True,
                             stdout=subprocess.PIPE, stderr=subprocess.PIPE, start_new_session=True)
     try:
-        stdout, stderr = proc.communicate(timeout=120)
+        stdout, stderr = proc.communicate(timeout=240)
     except subprocess.TimeoutExpired:
         os.killpg(proc.pid, signal.SIGKILL)  # torchrun's workers too, not just the launcher
         raise
     assert proc.returncode == 0, stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 3
+    assert metrics["train"]["compiled_layers"] == (5 if gpu_defaults else 0)
     # tokens are gathered over ranks: more than one rank can see in 3 steps of 2 rows of <= 64 tokens
     assert metrics["train"]["tokens"] > 3 * 2 * 64
     # one writer: each step logged once, one adapter
