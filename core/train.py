@@ -2,6 +2,7 @@
 TensorBoard into OUTPUT_DIR/logs), checkpoints/resume, Ctrl-C checkpointing, atomic adapter save."""
 from __future__ import annotations
 
+import contextlib
 import copy
 import functools
 import math
@@ -219,18 +220,13 @@ def compile_layers(model, recipe: dict) -> list:
     compile (mask building, PEFT wrappers). Only the layer's own forward is compiled: gradient
     checkpointing stays an eager wrapper around it, because compiling the checkpoint into the graph
     leaves the recompute decision to the partitioner, which (torch 2.11, H200) kept every 4-bit matmul
-    output: 9.7 GiB instead of 5 GiB for a 7B model. Under "auto" a layer that fails to compile runs
-    eagerly (dynamo's suppress_errors)."""
+    output: 9.7 GiB instead of 5 GiB for a 7B model. Training runs under dynamo_settings()."""
     if not compile_on(recipe):
         return []
     import torch
     from transformers.modeling_layers import GradientCheckpointingLayer
 
     layers = [m for m in model.modules() if isinstance(m, GradientCheckpointingLayer)]
-    if (recipe.get("training") or {}).get("compile", "auto") == "auto":
-        torch._dynamo.config.suppress_errors = True
-    # identical layers share one graph; layer 0 (input without grad) and eval (no grad) add variants
-    torch._dynamo.config.cache_size_limit = max(torch._dynamo.config.cache_size_limit, 16)
     compiled: dict = {}
     for layer in layers:
         # transformers wraps each layer class's forward in its checkpointing wrapper (functools.wraps)
@@ -242,6 +238,19 @@ def compile_layers(model, recipe: dict) -> list:
             compiled[raw] = torch.compile(raw)
         layer.forward = functools.partial(_layer_forward, compiled[raw], layer)
     return layers
+
+
+def dynamo_settings(recipe: dict, compiled: list):
+    """The dynamo settings that compiled layers train under, restored afterwards (notebooks keep theirs)."""
+    if not compiled:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch._dynamo.config.patch(
+        # "auto" must never cost a run: a layer that fails to compile runs eagerly
+        suppress_errors=(recipe.get("training") or {}).get("compile", "auto") == "auto",
+        # identical layers share one graph; layer 0 (input without grad) and evaluation add variants
+        cache_size_limit=max(torch._dynamo.config.cache_size_limit, 16))
 
 
 def _layer_forward(fn, layer, *args, **kwargs):
@@ -301,7 +310,8 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     compiled = compile_layers(model, recipe)  # after the eager evaluation: no extra no-grad graphs
     started = time.time()
     try:
-        result = trainer.train(resume_from_checkpoint=ckpt)
+        with dynamo_settings(recipe, compiled):
+            result = trainer.train(resume_from_checkpoint=ckpt)
     except KeyboardInterrupt:
         uncompile_layers(compiled)
         step = trainer.state.global_step

@@ -70,6 +70,7 @@ def test_compiled_layers_match_eager_and_keep_checkpointing(tmp_path, fresh_mana
 
     monkeypatch.setattr(torch, "compile", counting_compile)
     counters.clear()
+    before = (torch._dynamo.config.suppress_errors, torch._dynamo.config.cache_size_limit)
     metrics, losses, model = train(tmp_path / "compiled", fresh_manager, compile=True)
     layers = model.base_model.model.model.layers
     assert metrics["compiled_layers"] == len(layers) == 5
@@ -79,5 +80,6 @@ def test_compiled_layers_match_eager_and_keep_checkpointing(tmp_path, fresh_mana
     # forward + recompute of every layer in every micro-batch: checkpointing survived compilation
     assert len(calls) == 2 * len(layers) * STEPS * ACCUM
     assert counters["stats"]["unique_graphs"] >= 1 and not counters["graph_break"]
-    # eager again afterwards (evaluation and generation use the plain forward)
+    # eager again afterwards (evaluation and generation use the plain forward), dynamo settings restored
     assert all("forward" not in layer.__dict__ for layer in layers)
+    assert (torch._dynamo.config.suppress_errors, torch._dynamo.config.cache_size_limit) == before
