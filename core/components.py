@@ -42,6 +42,12 @@ class LoadedData:
     validation: list[Example] | None = None  # the dataset's own split when it has one
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (on_error: skip)
     fingerprint: str = ""  # identifies the source data (for caching and the run manifest)
+    # local files read that the entry's options do not name (an index pointing elsewhere, a shared
+    # vocabulary): the prepared-rows cache re-checks their size and mtime before reusing its rows
+    source_files: list[str] = field(default_factory=list)
+    # False: built from something ftk cannot check (code, a remote query), so its prepared rows are
+    # rebuilt every run (tokenization is still cached by content)
+    reusable: bool = True
 
 
 @dataclass
@@ -104,3 +110,5 @@ class PreparedData:
     validation_unpacked: Any = None
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
+    source_files: list = field(default_factory=list)  # [path, size, mtime_ns] of files loaders declared
+    reusable: bool = True  # every loader's data may be served from the prepared-rows cache

@@ -367,7 +367,9 @@ def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
         train = convert("train")
         val = convert("validation") if "validation" in dd else None
         fp = hashlib.sha256(repr([getattr(dd[s], "_fingerprint", "") for s in dd]).encode()).hexdigest()[:20]
-        return LoadedData(train=train, validation=val, skipped=policy.skipped, fingerprint=f"{cls.__name__}:{fp}")
+        # load() is arbitrary code: its result cannot be checked without running it
+        return LoadedData(train=train, validation=val, skipped=policy.skipped, fingerprint=f"{cls.__name__}:{fp}",
+                          reusable=False)
 
     factory.__doc__ = f"ftk loader wrapping {cls.__module__}.{cls.__qualname__}"
     return factory
@@ -855,9 +857,21 @@ def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None,
         if hit is not None:
             return hit
     prepared = _prepare_uncached(recipe, tokenizer, manager, progress)
-    if key:
+    if key and prepared.reusable:
         _save_result(cache_root(d) / "prepared" / key, prepared)
     return prepared
+
+
+def _file_states(paths) -> list:
+    """[path, size, mtime_ns] of each file, [path, None, None] when it is gone (the cache misses then)."""
+    out = []
+    for f in sorted(set(map(str, paths))):
+        try:
+            st = os.stat(f)
+            out.append([f, st.st_size, st.st_mtime_ns])
+        except OSError:
+            out.append([f, None, None])
+    return out
 
 
 def _source_state(value: str) -> list | None:
@@ -867,7 +881,7 @@ def _source_state(value: str) -> list | None:
     files = sorted(f for f in (p.parent.iterdir() if p.is_file() else p.rglob("*")) if f.is_file())
     if len(files) > 10000:
         return None
-    return [[str(f), st.st_size, st.st_mtime_ns] for f in files for st in (f.stat(),)]
+    return _file_states(files)
 
 
 def _result_key(recipe: dict, tokenizer, manager) -> str | None:
@@ -900,7 +914,8 @@ def _save_result(d: Path, prepared: PreparedData) -> None:
 
     try:
         meta = {"eval_pairs": prepared.eval_pairs, "stats": prepared.stats, "fingerprint": prepared.fingerprint,
-                "pad_token_id": prepared.collator.pad_token_id, "pad_to": prepared.collator.pad_to, "sets": {}}
+                "pad_token_id": prepared.collator.pad_token_id, "pad_to": prepared.collator.pad_to, "sets": {},
+                "source_files": prepared.source_files}
         for name in ("train", "validation", "validation_unpacked"):
             rows = getattr(prepared, name)
             for a in _ROW_ARRAYS:
@@ -928,10 +943,13 @@ def _load_result(d: Path, tokenizer) -> PreparedData | None:
         return None  # missing or damaged: rebuilt
     if meta["pad_token_id"] != tokenizer.pad_token_id:
         return None
+    declared = meta.get("source_files") or []
+    if declared and _file_states(f for f, _, _ in declared) != declared:
+        return None  # a file a loader declared (LoadedData.source_files) changed or is gone
     for ds in meta["stats"].get("datasets", []):
         if isinstance(ds, dict) and "cache" in ds:
             ds["cache"] = "hit"
-    return PreparedData(train=sets["train"], validation=sets["validation"],
+    return PreparedData(train=sets["train"], validation=sets["validation"], source_files=declared,
                         collator=Collator(meta["pad_token_id"], meta["pad_to"]),
                         eval_pairs=[tuple(x) for x in meta["eval_pairs"]],
                         validation_unpacked=sets["validation_unpacked"], stats=meta["stats"],
@@ -943,9 +961,13 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
     seed = data_seed(recipe)
     max_length = int(d.get("max_length", 512))
     parts: list[_Part] = []
+    declared: list = []  # [path, size, mtime_ns] of files loaders declared, taken as they were read
+    reusable = True
     for i, entry in enumerate(d["datasets"]):
         where = f"data.datasets[{i}] ({entry['loader']})"
         loaded = load_entry(i, entry, recipe, tokenizer, manager)
+        declared += _file_states(loaded.source_files)
+        reusable = reusable and loaded.reusable
         train = list(itertools.islice(loaded.train, entry.get("max_examples") or None))
         val = loaded.validation
         if val is not None and entry.get("max_examples"):
@@ -999,7 +1021,8 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
     fp = hashlib.sha256(json.dumps([[p.fingerprint, p.digest] for p in parts]
                                    + [tokenizer_fingerprint(tokenizer), seed, _settings(d)]).encode()).hexdigest()[:20]
     prepared = PreparedData(train=train_rows, validation=val_rows, collator=collator, eval_pairs=eval_pairs,
-                            validation_unpacked=val_unpacked, stats=stats, fingerprint=fp)
+                            validation_unpacked=val_unpacked, stats=stats, fingerprint=fp, source_files=declared,
+                            reusable=reusable)
     prepared.examples = {p.name: p.examples for p in parts}  # for preview
     prepared.train_refs = train_refs
     return prepared

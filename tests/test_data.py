@@ -310,3 +310,64 @@ def test_prepared_rows_cache_skips_loading_until_a_source_changes(fresh_manager,
     assert calls == [1]
     total = lambda p: sum(len(x["input_ids"]) for x in p.train) + sum(len(x["input_ids"]) for x in p.validation)
     assert total(third) < total(first)
+
+
+def test_prepared_rows_cache_checks_files_a_loader_declares(tmp_path, tok):
+    """A loader that reads a file its options do not name declares it (LoadedData.source_files); a
+    loader whose data ftk cannot check (reusable=False, e.g. seed-style classes) is rebuilt each run."""
+    import os
+
+    from ftk.components import Example, LoadedData, Segment
+    from ftk.data import loader_from_class
+    from ftk.hookspecs import hookimpl
+    from ftk.manager import FtkPluginManager
+
+    index = tmp_path / "elsewhere" / "index.txt"  # not named by the recipe entry
+    index.parent.mkdir()
+    index.write_text("\n".join(f"word{i}" for i in range(30)))
+    calls = []
+
+    def load_indexed(options, ctx):
+        calls.append("indexed")
+        words = index.read_text().split()
+        train = [Example(segments=[Segment(f"Say {w}: ", train=False), Segment(w, train=True)]) for w in words]
+        return LoadedData(train=train, fingerprint="indexed", source_files=[str(index)])
+
+    class SeedStyle:
+        def __init__(self, tokenizer, max_length):
+            pass
+
+        def load(self):
+            from datasets import Dataset, DatasetDict
+
+            calls.append("seed")
+            rows = ROWS[:12]
+            return DatasetDict({"train": Dataset.from_dict({k: [r[k] for r in rows]
+                                                            for k in ("instruction", "input", "output")})})
+
+    class Plugin:
+        @hookimpl
+        def ftk_register_datasets(self, register):
+            register("indexed", load_indexed, description="words from an index file")
+            register("seedstyle", loader_from_class(SeedStyle), description="a seed-style class")
+
+    mgr = FtkPluginManager(load_entrypoints=True)
+    mgr.register(Plugin(), name="indexed-plugin")
+    r = make(mgr, tmp_path, [{"loader": "indexed"}], validation_size=0)
+    first = prepare_data(r, tok, mgr)
+    second = prepare_data(r, tok, mgr)
+    assert calls == ["indexed"] and list(first.train) == list(second.train)  # second run: cache hit
+    index.write_text("\n".join(f"other{i}" for i in range(10)))
+    os.utime(index, ns=(1, 1))
+    third = prepare_data(r, tok, mgr)
+    assert calls == ["indexed", "indexed"]  # the declared file changed: loaded again
+    assert third.stats["train"]["examples"] == 10 < first.stats["train"]["examples"]
+    index.unlink()
+    with pytest.raises(FileNotFoundError):  # gone: no stale rows served, the loader runs (and fails)
+        prepare_data(r, tok, mgr)
+
+    calls.clear()
+    r = make(mgr, tmp_path, [{"loader": "seedstyle"}], validation_size=0)
+    prepare_data(r, tok, mgr)
+    prepare_data(r, tok, mgr)
+    assert calls == ["seed", "seed"]
