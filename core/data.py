@@ -27,7 +27,7 @@ import numpy as np
 from ftk.components import DataContext, Example, LoadedData, PreparedData, Segment
 from ftk.errors import DataError
 
-CACHE_VERSION = 1
+CACHE_VERSION = 2  # 2: own-validation examples named part#vj
 IGNORE = -100
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
@@ -793,7 +793,7 @@ def _split(n: int, size: float, rng: np.random.Generator) -> tuple[np.ndarray, n
 
 def _mix(parts: list[_Part], mixing: str, balance_to: str, rng: np.random.Generator) -> list[_Ref]:
     """Train examples of all datasets: concat, or balanced by weight (sampled, seeded)."""
-    pools = [[_Ref(p.block, int(k), f"{p.name}#{int(k)}") for k in p.train_idx] for p in parts]
+    pools = [[_Ref(p.block, int(k), _example_name(p.name, int(k))) for k in p.train_idx] for p in parts]
     if mixing == "balanced" and len(parts) > 1:
         w = np.array([float(p.entry.get("weight", 1.0)) for p in parts])
         sizes = np.array([len(x) for x in pools], float)
@@ -956,6 +956,30 @@ def _load_result(d: Path, tokenizer) -> PreparedData | None:
                         fingerprint=meta["fingerprint"])
 
 
+def _part_name(datasets: list, i: int) -> str:
+    """A dataset entry's name in stats and example ids: its loader, with the entry index when the same
+    loader appears more than once."""
+    loader = datasets[i]["loader"]
+    return loader if sum(e["loader"] == loader for e in datasets) == 1 else f"{loader}[{i}]"
+
+
+def _example_name(part: str, k: int, n_train: int | None = None) -> str:
+    """``part#k``: the k-th training example as loaded (before any hold-out); ``part#vj``: the j-th example
+    of the dataset's own validation split (index k >= n_train in the loaded list)."""
+    return f"{part}#v{k - n_train}" if n_train is not None and k >= n_train else f"{part}#{k}"
+
+
+def _keep(block, max_length: int, drop_long: bool):
+    """-> (keep, {drop reason: mask}, truncated mask). An example trains when it has a trainable label
+    within max_length; with truncation "drop" also only when it fits (counted as too long)."""
+    too_long = block.lengths > max_length
+    no_label = block.trainable_within(max_length) <= 0
+    if drop_long:
+        no_label &= ~too_long
+        return ~(no_label | too_long), {"too_long": too_long, "no_trainable_tokens": no_label}, np.zeros_like(too_long)
+    return ~no_label, {"no_trainable_tokens": no_label}, too_long & ~no_label
+
+
 def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
     d = recipe["data"]
     seed = data_seed(recipe)
@@ -977,23 +1001,17 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
         if not train:
             raise DataError(f"{where}: no training examples"
                             + (f" (skipped: {loaded.skipped})" if loaded.skipped else ""))
-        name = entry["loader"] if sum(e["loader"] == entry["loader"] for e in d["datasets"]) == 1 else f"{entry['loader']}[{i}]"
+        name = _part_name(d["datasets"], i)
         parts.append(_Part(index=i, name=name, entry=entry, examples=train + (val or []), n_train=len(train),
                            own_validation=bool(val), skipped=dict(loaded.skipped), fingerprint=loaded.fingerprint))
     for p in parts:
         p.digest = examples_digest(p.examples)
         p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d.get("train_on_inputs", False), d, progress,
                                                desc=f"tokenizing {p.name}", digest=p.digest)
-        too_long = p.block.lengths > max_length
-        no_label = p.block.trainable_within(max_length) <= 0
-        if d.get("truncation") == "drop":
-            no_label &= ~too_long  # these are counted as too long
-            keep = ~(no_label | too_long)
-            p.dropped["too_long"] = int(too_long.sum())
-        else:
-            keep = ~no_label
-            p.truncated = int((too_long & keep).sum())
-        p.dropped["no_trainable_tokens"] = int(no_label.sum())
+        keep, dropped, truncated = _keep(p.block, max_length, d.get("truncation") == "drop")
+        p.dropped.update({reason: int(mask.sum()) for reason, mask in dropped.items()})
+        p.truncated = int(truncated.sum())
+        no_label = dropped["no_trainable_tokens"]
         idx = np.arange(len(p.examples))
         train_all, val_all = idx[: p.n_train], idx[p.n_train:]
         if not p.own_validation and d.get("validation_size", 0):
@@ -1002,13 +1020,13 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
             train_all, val_all = train_all[t], train_all[v]
         p.train_idx, p.val_idx = train_all[keep[train_all]], val_all[keep[val_all]]
         if not len(p.train_idx):
-            bad = [f"{p.name}#{k}" for k in np.flatnonzero(no_label)[:5]]
+            bad = [_example_name(p.name, k) for k in np.flatnonzero(no_label)[:5]]
             raise DataError(f"data.datasets[{p.index}] ({p.name}): no example has a trainable label within "
                             f"max_length {max_length} (e.g. {', '.join(bad) or 'all dropped as too long'}); "
                             f"raise data.max_length or check the template")
     rng = np.random.default_rng(seed)
     train_refs = _mix(parts, d.get("mixing", "concat"), d.get("balance_to", "largest"), rng)
-    val_refs = [_Ref(p.block, int(k), f"{p.name}#{int(k)}") for p in parts for k in p.val_idx]
+    val_refs = [_Ref(p.block, int(k), _example_name(p.name, int(k), p.n_train)) for p in parts for k in p.val_idx]
     packing = bool(d.get("packing", True))
     train_rows = build_rows(train_refs, max_length, packing, rng)
     val_rows = build_rows(val_refs, max_length, packing, None)
@@ -1096,38 +1114,38 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
         if entry.get("max_examples"):
             it = itertools.islice(it, entry["max_examples"])
         vs = d.get("validation_size") or 0
-        if loaded.validation:
-            val = list(loaded.validation)
+        own = bool(loaded.validation)
+        if own:
+            val = list(loaded.validation)[: entry.get("max_examples") or None]  # as in memory
         else:
             val = list(itertools.islice(it, int(vs) if vs >= 1 else (STREAM_DEFAULT_VALIDATION if vs else 0)))
-        name = f"{entry['loader']}[{i}]" if len(d["datasets"]) > 1 else entry["loader"]
-        streams.append((name, entry, it, loaded, where))
+        name = _part_name(d["datasets"], i)
+        # names as in memory: #k counts the stream from its start (hold-out included), #vj the own split
+        streams.append((name, entry, it, loaded, where, 0 if own else len(val)))
         val = _render(val, entry, tokenizer, where + " validation")
         if val:
             blk = tokenize_examples(val, tokenizer, d.get("train_on_inputs", False), False)
-            keep = np.flatnonzero(blk.trainable_within(max_length) > 0)
-            val_parts.append((name, val, blk, keep))
-    val_refs = [_Ref(blk, int(k), f"{name}#v{int(k)}") for name, _, blk, keep in val_parts for k in keep]
+            keep = np.flatnonzero(_keep(blk, max_length, d.get("truncation") == "drop")[0])
+            val_parts.append((name, val, blk, keep, 0 if own else None))
+    val_refs = [_Ref(blk, int(k), _example_name(name, int(k), n_train))
+                for name, _, blk, keep, n_train in val_parts for k in keep]
     val_rows = build_rows(val_refs, max_length, packing, None)
     counters = {"examples": 0, "dropped": {}, "truncated": 0}
     skipped = _sum_counts(s[3].skipped for s in streams)  # kept current as the stream is read
 
     def generate():
-        for name, entry, it, loaded, where in streams:
-            n = 0
+        for name, entry, it, loaded, where, n in streams:
             while True:
                 chunk = list(itertools.islice(it, STREAM_CHUNK))
                 if not chunk:
                     break
                 exs = _render(chunk, entry, tokenizer, where, start=n)
                 blk = tokenize_examples(exs, tokenizer, d.get("train_on_inputs", False), False)
-                trainable, lens = blk.trainable_within(max_length), blk.lengths
-                keep = trainable > 0
-                if d.get("truncation") == "drop":
-                    keep &= lens <= max_length
-                counters["truncated"] += int(((lens > max_length) & keep).sum())
-                counters["dropped"]["not_kept"] = counters["dropped"].get("not_kept", 0) + int((~keep).sum())
-                refs = [_Ref(blk, int(k), f"{name}#{n + int(k)}") for k in np.flatnonzero(keep)]
+                keep, dropped, truncated = _keep(blk, max_length, d.get("truncation") == "drop")
+                counters["truncated"] += int(truncated.sum())
+                for reason, mask in dropped.items():
+                    counters["dropped"][reason] = counters["dropped"].get(reason, 0) + int(mask.sum())
+                refs = [_Ref(blk, int(k), _example_name(name, n + int(k))) for k in np.flatnonzero(keep)]
                 counters["examples"] += len(refs)
                 n += len(exs)
                 skipped.update(_sum_counts(s[3].skipped for s in streams))
@@ -1147,7 +1165,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
     fp = hashlib.sha256(json.dumps([[s[3].fingerprint for s in streams], tokenizer_fingerprint(tokenizer),
                                     _settings(d)]).encode()).hexdigest()[:20]
     return PreparedData(train=_Stream(), validation=val_rows, collator=Collator(tokenizer.pad_token_id, pad_to),
-                        eval_pairs=[(e.prompt, e.reference) for _, val, _, keep in val_parts for e in
+                        eval_pairs=[(e.prompt, e.reference) for _, val, _, keep, _ in val_parts for e in
                                     (val[k] for k in keep) if e.prompt is not None and e.reference is not None],
                         validation_unpacked=build_rows(val_refs, max_length, False, None) if packing else val_rows,
                         stats=stats, fingerprint=fp)

@@ -268,7 +268,9 @@ def test_streaming_yields_packed_rows_and_holds_out_validation(fresh_manager, tm
     p = prepare_data(r, tok, fresh_manager)
     rows = list(p.train)
     names = sum((f["example_ids"] for f in rows), [])
-    assert p.stats["validation"]["examples"] == 10 and len(names) == 50 - p.stats["train"]["dropped"].get("not_kept", 0)
+    assert p.stats["validation"]["examples"] == 10 and len(names) == 50 - sum(p.stats["train"]["dropped"].values())
+    assert sorted(names, key=lambda x: int(x.split("#")[1])) == [f"alpaca#{k}" for k in range(10, 60)
+                                                                 if f"alpaca#{k}" in names]
     assert all(len(f["input_ids"]) <= 512 for f in rows) and "position_ids" in rows[0]
     assert len(p.eval_pairs) == 10
 
@@ -371,3 +373,23 @@ def test_prepared_rows_cache_checks_files_a_loader_declares(tmp_path, tok):
     prepare_data(r, tok, mgr)
     prepare_data(r, tok, mgr)
     assert calls == ["seed", "seed"]
+
+
+def test_streaming_and_in_memory_keep_and_name_the_same_examples(fresh_manager, tmp_path, tok):
+    """Same data both ways (DailyDialog with its own validation split, truncation "drop", unpacked rows):
+    the same examples survive, under the same names (#k train as loaded, #vj own validation)."""
+    def prep(streaming):
+        r = load_recipe(data={"model": {"name": str(MODEL_DIR)},
+                              "data": {"datasets": [{"loader": "dailydialog", "path": str(DAILYDIALOG),
+                                                     "max_examples": 40}],
+                                       "max_length": 128, "truncation": "drop", "packing": False,
+                                       "streaming": streaming, "cache": False},
+                              "training": {"max_steps": 2}}, manager=fresh_manager, base_dir=tmp_path)
+        return prepare_data(r, tok, fresh_manager)
+
+    mem, stream = prep(False), prep(True)
+    ids = lambda rows: [x for f in rows for x in f["example_ids"]]
+    assert sorted(ids(mem.train)) == sorted(ids(stream.train)) and ids(mem.train)
+    assert ids(mem.validation) == ids(stream.validation) and ids(mem.validation)[0].startswith("dailydialog#v")
+    assert len(ids(mem.validation)) < 40  # over-long validation dialogues dropped both ways
+    assert mem.eval_pairs == stream.eval_pairs
