@@ -155,8 +155,10 @@ class StepTimer:
 
         return torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t)
 
-    def seconds(self) -> float:
-        return self.times[-1] - self.times[0]
+    def summary(self) -> dict:
+        """What every setup reports from its timer."""
+        return {"peak_first": self.peak_first, "saved_for_backward": self.saved_summary,
+                "seconds": self.times[-1] - self.times[0], "timed_steps": len(self.times) - 1}
 
 
 def setup_ftk(shape, steps, device, overrides=()):
@@ -204,7 +206,7 @@ def setup_ftk(shape, steps, device, overrides=()):
         from torch._dynamo.utils import counters
         rows = prepared.train
         per_row = sum(sum(1 for _ in rows[i]["input_ids"]) for i in range(len(rows))) / len(rows)
-    return {"peak_first": timer.peak_first, "saved_for_backward": timer.saved_summary, "seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": per_row * 4,
+    return {**timer.summary(), "useful_tokens_per_step": per_row * 4,
             "final_loss": m.get("final_loss"), "precision": precision,
             "gradient_checkpointing": model_mod.gradient_checkpointing_on(recipe),
             "compiled_layers": m.get("compiled_layers", 0), "graphs": dict(counters["stats"]),
@@ -242,7 +244,7 @@ def setup_baseline(shape, steps, device):
         tr.train()
     useful = sum(sum(a) for a in enc["attention_mask"][: steps * 4]) / steps
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
-    return {"peak_first": timer.peak_first, "saved_for_backward": timer.saved_summary, "seconds": timer.seconds(), "timed_steps": len(timer.times) - 1, "useful_tokens_per_step": useful,
+    return {**timer.summary(), "useful_tokens_per_step": useful,
             "final_loss": losses[-1] if losses else None, "precision": "fp16" if cuda else "fp32",
             "gradient_checkpointing": False}
 

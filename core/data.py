@@ -985,12 +985,12 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
     seed = data_seed(recipe)
     max_length = int(d.get("max_length", 512))
     parts: list[_Part] = []
-    declared: list = []  # [path, size, mtime_ns] of files loaders declared, taken as they were read
+    declared: list[str] = []  # files the loaders read beyond those their options name
     reusable = True
     for i, entry in enumerate(d["datasets"]):
         where = f"data.datasets[{i}] ({entry['loader']})"
         loaded = load_entry(i, entry, recipe, tokenizer, manager)
-        declared += _file_states(loaded.source_files)
+        declared += loaded.source_files
         reusable = reusable and loaded.reusable
         train = list(itertools.islice(loaded.train, entry.get("max_examples") or None))
         val = loaded.validation
@@ -1039,8 +1039,8 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
     fp = hashlib.sha256(json.dumps([[p.fingerprint, p.digest] for p in parts]
                                    + [tokenizer_fingerprint(tokenizer), seed, _settings(d)]).encode()).hexdigest()[:20]
     prepared = PreparedData(train=train_rows, validation=val_rows, collator=collator, eval_pairs=eval_pairs,
-                            validation_unpacked=val_unpacked, stats=stats, fingerprint=fp, source_files=declared,
-                            reusable=reusable)
+                            validation_unpacked=val_unpacked, stats=stats, fingerprint=fp,
+                            source_files=_file_states(declared), reusable=reusable)
     prepared.examples = {p.name: p.examples for p in parts}  # for preview
     prepared.train_refs = train_refs
     return prepared

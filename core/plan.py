@@ -105,12 +105,13 @@ def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
     optimizer = lora_params * (2 if "8bit" in opt else (0 if opt == "sgd" else 8))
 
     h, i, kv = s.hidden, s.intermediate, s.hidden // s.heads * s.kv_heads
-    lora_act = sum(shapes[t][0] + r for t in targets)
-    # two RMSNorms keep ~3 fp32 vectors each (input upcast, normalised, scaled); rotary keeps q, k and
-    # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
-    per_layer_tok = 4 * (3 * h) * 2 + d * (h + lora_act + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
-    per_layer_tok += len(targets) * h  # dropout masks (1 byte)
-    if d == 2:
+    if d != 2:
+        # two RMSNorms keep ~3 fp32 vectors each (input upcast, normalised, scaled); rotary keeps q, k and
+        # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
+        lora_act = sum(shapes[t][0] + r for t in targets)
+        per_layer_tok = 4 * (3 * h) * 2 + d * (h + lora_act + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
+        per_layer_tok += len(targets) * h  # dropout masks (1 byte)
+    else:
         # bf16 autocast with frozen bf16 weights (ftk's default on GPUs) keeps less: each RMSNorm one fp32
         # copy of its input; each LoRA target its dropout output and mask (or the shared normed input);
         # attention q, k, v and output; the MLP gate, up and SiLU(gate). 156 KB per token per layer for
