@@ -118,7 +118,9 @@ def _format_error(err: jsonschema.ValidationError, prefix: tuple = ()) -> list[s
         best = jsonschema.exceptions.best_match(err.context)
         return _format_error(best, prefix)
     if err.validator == "enum":
-        return [f"{json_path(path)}: {err.instance!r} is not one of {', '.join(map(repr, err.validator_value))}"]
+        # strings quoted as before; true/false/null spelled as the recipe's JSON spells them
+        show = lambda v: repr(v) if isinstance(v, str) else json.dumps(v)  # noqa: E731
+        return [f"{json_path(path)}: {show(err.instance)} is not one of {', '.join(map(show, err.validator_value))}"]
     return [f"{json_path(path)}: {err.message}"]
 
 
