@@ -36,20 +36,21 @@ def load_for_eval(recipe: dict, manager, tokenizer, adapter: str | None):
         from peft import PeftModel
 
         model = PeftModel.from_pretrained(model, adapter)
-        model_mod.guard_cpu_4bit_kernels(model)
     return model.eval()
 
 
 def format_table(metrics: dict) -> str:
     """Plain-text metrics table for the terminal (base | fine-tuned | change)."""
-    from ftk.report import metrics_table
+    from ftk.report import metrics_table, same_warning
 
     rows = [r for r in metrics_table(metrics) if not r.startswith("|---") and not r.startswith("|:")]
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.startswith("|")]
     if not cells:
         return "\n".join(rows)
     widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(cells[0]))]
-    return "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    warning = same_warning(metrics)
+    return table + (f"\n{warning}" if warning else "")
 
 
 

@@ -69,6 +69,10 @@ class QuantizationPlan:
     from_pretrained_kwargs: dict[str, Any]  # e.g. {"quantization_config": BitsAndBytesConfig(...)}
     notes: list[str] = field(default_factory=list)  # e.g. layers left unquantized and why
     kbit: bool = False  # the model needs k-bit training preparation
+    # Called with the loaded model before anything runs it; returns notes (or None). The place for what
+    # only the quantizer knows must be fixed on the loaded layers: for example keeping them off an
+    # inference-only layout that cannot backpropagate (see docs/plugins/hooks.md).
+    after_load: Callable[[Any], list[str] | None] | None = None
 
 
 @dataclass

@@ -114,14 +114,10 @@ def _check_attn(impl: str) -> None:
                            "package; use \"sdpa\"")
 
 
-def guard_cpu_4bit_kernels(model) -> int:
-    """Keep Linear4bit layers whose width the CPU packed kernel rejects off that path (eval + no_grad)."""
-    n = 0
-    for mod in model.modules():
-        if hasattr(mod, "support_avx512bf16_for_cpu") and getattr(mod, "out_features", 0) % 32:
-            mod.support_avx512bf16_for_cpu = False
-            n += 1
-    return n
+def apply_after_load(model, plan) -> None:
+    """The quantizer's fix-ups on the loaded layers (its notes join the plan's)."""
+    if plan is not None and plan.after_load is not None:
+        plan.notes.extend(plan.after_load(model) or [])
 
 
 def count_parameters(model) -> tuple[int, int]:
@@ -189,7 +185,7 @@ def load_quantized_base(recipe: dict, manager, tokenizer=None):
     ctx, precision = model_context(recipe, manager)
     qmethod, plan = quantization_plan(recipe, manager, ctx)
     model = load_base(recipe, plan, precision)
-    guard_cpu_4bit_kernels(model)
+    apply_after_load(model, plan)
     model.config.use_cache = False  # packed rows: the block mask from position_ids needs use_cache=False
     if tokenizer is not None and len(tokenizer) > model.get_input_embeddings().weight.shape[0]:
         model.resize_token_embeddings(len(tokenizer))

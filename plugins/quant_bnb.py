@@ -9,7 +9,9 @@ from ftk.hookspecs import hookimpl
 # bitsandbytes quantizes 4-bit weights in blocks of 64 values along each row.
 BLOCK_SIZE = 64
 # bitsandbytes' CPU inference kernel (avx512-bf16 machines) repacks a Linear4bit and asserts
-# out_features % 32 == 0 on its first eval/no-grad call.
+# out_features % 32 == 0 on its first eval/no-grad call. ftk keeps that kernel off
+# (keep_trainable_layout), but a user who loads the base with plain bitsandbytes to serve the
+# adapter does not: such layers stay unquantized so the adapter works there too.
 CPU_PACK_N = 32
 
 _SKIP = {
@@ -70,6 +72,39 @@ def incompatible_linears(model_config, four_bit: bool) -> tuple[list[str], list[
     return defaults, bad, notes
 
 
+def keep_trainable_layout(model) -> list[str]:
+    """Keep every 4-bit layer in the layout that backpropagates; returns notes.
+
+    bitsandbytes >= 0.49, on a CPU with AVX512-BF16, repacks a Linear4bit's weight into an inference
+    layout the first time the layer runs in eval mode without grad (an evaluation before training
+    does exactly that). From then on its matmul takes gemv_4bit, which has no backward: every
+    gradient that must pass through a 4-bit layer is silently zero and LoRA learns nothing. AVX2-only
+    CPUs never repack. ftk trains and evaluates one model, so the repacking stays off on every CPU
+    (and a layer already repacked is unpacked): one numerical path on every machine.
+    docs/bitsandbytes-cpu-autograd.md has a standalone reproduction."""
+    from bitsandbytes.nn import Linear4bit
+
+    repacking, undone = 0, 0
+    for mod in model.modules():
+        if not isinstance(mod, Linear4bit):
+            continue
+        repacking += bool(getattr(mod, "support_avx512bf16_for_cpu", False))
+        mod.support_avx512bf16_for_cpu = False
+        w = mod.weight
+        if getattr(getattr(w, "quant_state", None), "packing_format_for_cpu", False):
+            from bitsandbytes.functional import _convert_weight_packed_for_cpu_inverse
+
+            w.data, w.quant_state = _convert_weight_packed_for_cpu_inverse(w.data, w.quant_state)
+            undone += 1
+    notes = []
+    if repacking:
+        notes.append(f"bitsandbytes' CPU inference layout (AVX512-BF16) kept off for {repacking} 4-bit layer(s): "
+                     f"it has no backward pass")
+    if undone:
+        notes.append(f"{undone} 4-bit layer(s) unpacked from bitsandbytes' CPU inference layout")
+    return notes
+
+
 def _collapse(names: list[str]) -> list[str]:
     """Per-layer names -> their shared suffix when every layer has the same problem (shorter notes)."""
     suffixes = {n.rsplit(".", 1)[-1] for n in names}
@@ -115,7 +150,8 @@ def plan(options, ctx, *, method: str):
         cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options.get("threshold", 6.0)),
                                  llm_int8_skip_modules=skip)
         notes.insert(0, "int8 (LLM.int8())")
-    return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True)
+    return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True,
+                            after_load=keep_trainable_layout if four_bit else None)
 
 
 def _factory(method):

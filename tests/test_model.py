@@ -138,12 +138,12 @@ def test_rslora_dora_modules_to_save(fresh_manager):
 
 
 def test_eval_no_grad_generate_of_quantized_lora(fresh_manager):
-    """The bnb CPU inference path must never be reached by a layer it cannot pack; generation works and
-    a freshly attached adapter (B = 0) leaves the quantized base's outputs unchanged."""
+    """ftk keeps every 4-bit layer off bitsandbytes' CPU inference layout (no backward pass), also after
+    an eval/no-grad pass; generation works and a freshly attached adapter (B = 0) leaves the quantized
+    base's outputs unchanged."""
     (model, _), tok = load(fresh_manager, quant={"method": "nf4"})
-    for mod in linear4bit(model).values():
-        if mod.out_features % 32:
-            assert mod.support_avx512bf16_for_cpu is False
+    layers = linear4bit(model).values()
+    assert layers and all(mod.support_avx512bf16_for_cpu is False for mod in layers)
     ids = tok("Once upon a time", return_tensors="pt").input_ids
     model.eval()
     with torch.no_grad():
@@ -153,6 +153,7 @@ def test_eval_no_grad_generate_of_quantized_lora(fresh_manager):
         out = model.generate(input_ids=ids, max_new_tokens=8, do_sample=False)
     assert torch.equal(a, b)
     assert out.shape[1] == ids.shape[1] + 8
+    assert not any(getattr(m.weight.quant_state, "packing_format_for_cpu", False) for m in layers)
 
 
 def test_gradient_checkpointing_with_kbit_trains(fresh_manager):

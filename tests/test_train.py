@@ -13,6 +13,7 @@ from ftk import model as M
 from ftk import train as T
 from ftk.errors import RunError
 from ftk.hookspecs import hookimpl
+from ftk.plugins.quant_bnb import keep_trainable_layout
 
 torch.set_num_threads(1)
 
@@ -25,8 +26,10 @@ def make_recipe(out, **training):
         "adapter": {"method": "lora", "r": 4, "alpha": 8},
         "data": {"datasets": [{"loader": "alpaca", "path": str(ALPACA), "max_examples": 48}],
                  "max_length": 64, "validation_size": 8, "cache": False},
+        # fp32 on every CPU: "auto" is bf16 on AVX512-BF16/AMX CPUs, where training keeps frozen weights in
+        # bf16 and a plain PEFT reload (fp32) could not give bit-identical logits
         "training": {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 2, "learning_rate": 2e-3,
-                     "report_to": ["tensorboard"], "save_steps": 2, **training},
+                     "report_to": ["tensorboard"], "save_steps": 2, "precision": "fp32", **training},
         "output_dir": str(out),
     })
 
@@ -81,9 +84,10 @@ def test_adapter_reload_gives_identical_logits(trained):
     assert not torch.allclose(want, base_logits)  # the adapter learned something
     qcfg = model.base_model.model.config.quantization_config
     base = AutoModelForCausalLM.from_pretrained(MODEL_DIR, quantization_config=qcfg)
-    M.guard_cpu_4bit_kernels(base)
+    keep_trainable_layout(base)  # what ftk's loading does
     again = PeftModel.from_pretrained(base, out / "adapter").eval()
     auto = AutoPeftModelForCausalLM.from_pretrained(out / "adapter", quantization_config=qcfg).eval()
+    keep_trainable_layout(auto)  # same kernels as ftk (AVX512-BF16 CPUs would otherwise repack)
     with torch.no_grad():
         assert torch.equal(again(input_ids=ids).logits, want)
         assert torch.equal(auto(input_ids=ids).logits, want)
