@@ -86,9 +86,12 @@ def plugins_show(ctx, component):
 @click.pass_context
 def validate(ctx, recipe, overrides, show):
     """Check a recipe against the schema and the chosen plugins' options. Exit 0 if valid, 2 if not."""
-    from ftk.recipe import load_recipe
+    from ftk.recipe import hardware_errors, load_recipe
 
     r = load_recipe(recipe, overrides, manager=_manager(ctx))
+    errors = hardware_errors(r)
+    if errors:
+        raise FtkError(errors)
     if r["model"].get("trust_remote_code"):
         click.echo("warning: model.trust_remote_code is true: the model repository's own Python code will run",
                    err=True)
@@ -150,6 +153,13 @@ def _build() -> click.Group:
     return cli
 
 
+def _close_progress_bars() -> None:
+    """End a progress bar a stopped run left open, so the error starts on a line of its own."""
+    tqdm = sys.modules.get("tqdm")
+    for bar in list(getattr(getattr(tqdm, "tqdm", None), "_instances", None) or []):
+        bar.close()
+
+
 def main(argv: list[str] | None = None) -> None:
     import warnings
 
@@ -159,6 +169,7 @@ def main(argv: list[str] | None = None) -> None:
     try:
         group.main(args=argv, prog_name="ftk", standalone_mode=False)
     except FtkError as e:
+        _close_progress_bars()
         for m in e.messages:
             click.echo(f"error: {m}", err=True)
         sys.exit(e.exit_code)
@@ -176,6 +187,7 @@ def main(argv: list[str] | None = None) -> None:
     except Exception as e:  # a bug in ftk or a plugin: one line, traceback on request
         if os.environ.get("FTK_DEBUG"):
             raise
+        _close_progress_bars()
         click.echo(f"internal error: {type(e).__name__}: {e} (set FTK_DEBUG=1 for the traceback)", err=True)
         sys.exit(1)
     else:

@@ -100,6 +100,23 @@ def metrics_table(metrics: dict) -> list[str]:
     return rows
 
 
+def same_as_base(metrics: dict) -> list[str]:
+    """Metrics on which the fine-tuned model scores exactly as the base (a sign it learned nothing)."""
+    base, ft = (metrics or {}).get("base") or {}, (metrics or {}).get("finetuned") or {}
+    return [k for k, f in ft.items() if k not in _NOT_METRICS and isinstance(f, (int, float))
+            and not isinstance(f, bool) and base.get(k) == f]
+
+
+def same_warning(metrics: dict) -> str | None:
+    """One line to show beside any table that says "same"; None when nothing is identical."""
+    same = same_as_base(metrics)
+    if not same:
+        return None
+    return (f"warning: the fine-tuned model scores exactly as the base on {', '.join(same)}: the adapter may "
+            f"have learned nothing (check grad_norm in train_log.jsonl, training.learning_rate and "
+            f"adapter.target_modules)")
+
+
 def _fence(text: str) -> str:
     """A code fence longer than any backtick run inside the text, so generations cannot break out."""
     longest = max((len(m) for m in re.findall(r"`+", text or "")), default=0)
@@ -148,6 +165,9 @@ def write_report(output_dir, recipe: dict, metrics: dict) -> Path:
     md = ["# ftk run report", ""]
     md += ["## Recipe", ""] + recipe_summary(redact(recipe or {})) + [""]
     md += ["## Metrics", ""] + metrics_table(metrics or {}) + [""]
+    warning = same_warning(metrics or {})
+    if warning:
+        md += [f"**Warning**: {warning.removeprefix('warning: ')}.", ""]
     fin = (metrics or {}).get("finetuned") or (metrics or {}).get("base") or {}
     if "eval_samples" in fin or "eval_tokens" in fin:
         md += [f"Generation metrics over {fin.get('eval_samples', 0)} validation prompts; perplexity over "
@@ -180,4 +200,4 @@ def write_report(output_dir, recipe: dict, metrics: dict) -> Path:
     return path
 
 
-__all__ = ["write_report", "metrics_table", "read_train_log", "plot_loss_curve"]
+__all__ = ["write_report", "metrics_table", "read_train_log", "plot_loss_curve", "same_warning"]

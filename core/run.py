@@ -131,9 +131,17 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
 def train_run(state: RunState, resume: str | None = None) -> dict:
     from ftk import train as train_mod
 
-    with _disk_errors(state.out):
-        return train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
-                               str(state.out), resume=resume)
+    try:
+        with _disk_errors(state.out):
+            return train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
+                                   str(state.out), resume=resume)
+    except RunError as e:
+        # the folder says why it has checkpoints and logs but no adapter or report
+        if is_main_process():
+            state.manifest.update(status="failed", error=str(e),
+                                  finished=_dt.datetime.now(_dt.timezone.utc).isoformat())
+            atomic_write_json(state.out / "manifest.json", redact(state.manifest))
+        raise
 
 
 def finish_run(state: RunState, metrics: dict) -> dict:
@@ -147,7 +155,7 @@ def finish_run(state: RunState, metrics: dict) -> dict:
         metrics.update(eval_mod.evaluate_run(state.model, state.tokenizer, state.prepared, state.recipe,
                                              state.manager, str(state.out)))
         atomic_write_json(state.out / "metrics.json", metrics)
-        state.manifest["finished"] = _dt.datetime.now(_dt.timezone.utc).isoformat()
+        state.manifest.update(status="completed", finished=_dt.datetime.now(_dt.timezone.utc).isoformat())
         atomic_write_json(state.out / "manifest.json", redact(state.manifest))
         report.write_report(state.out, state.recipe, metrics)
     return metrics

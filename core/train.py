@@ -70,7 +70,73 @@ def _callback_classes():
                     raise RunError(f"training stopped at step {state.global_step}: {key} is {v} "
                                    f"(lower training.learning_rate or check the data){hint}")
 
-    return JsonlLogCallback, NanStopCallback
+    class LearningGuard(TrainerCallback):
+        """Stops a run that cannot learn, whatever the cause (a kernel without backward, a frozen model,
+        targets off the loss path, a library change): no gradient at the first optimizer step, or
+        trainable weights bit-identical to where they started after the run. See docs/reliability.md."""
+
+        def __init__(self, params: list, precision: str):
+            self.params = params  # [(name, tensor)] that require grad
+            self.precision = precision
+            self.checked = False
+            self.start_step = 0
+            self.initial: list | None = None
+
+        def on_train_begin(self, args, state, control, **kw):
+            # after a resume's weights are loaded: "changed" means changed by this call's steps
+            self.start_step = state.global_step
+            self.initial = [p.detach().to("cpu", copy=True) for _, p in self.params]
+
+        def on_pre_optimizer_step(self, args, state, control, **kw):
+            if self.checked:
+                return
+            self.checked = True
+            import torch
+
+            grads = [p.grad for _, p in self.params if p.grad is not None]
+            norm = (float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
+                    if grads else 0.0)
+            if norm == 0.0:
+                raise RunError(f"training cannot learn: the {len(self.params)} trainable tensors got no gradient at "
+                               f"the first optimizer step (global norm 0); nothing flows back from the loss to the "
+                               f"adapter: check adapter.target_modules and the quantizer "
+                               f"(docs/reliability.md, \"Training that cannot learn\")")
+            # fp16's loss scaler skips overflowing steps by design; NanStopCallback stops persistent ones
+            if not math.isfinite(norm) and self.precision != "fp16":
+                raise RunError(f"training cannot learn: the gradient norm is {norm} at the first optimizer step; "
+                               f"check the data and training.learning_rate")
+
+        def unchanged(self, state) -> bool:
+            if self.initial is None or state.global_step <= self.start_step:
+                return False
+            import torch
+
+            return all(torch.equal(a, p.detach().cpu()) for a, (_, p) in zip(self.initial, self.params))
+
+    return JsonlLogCallback, NanStopCallback, LearningGuard
+
+
+def _trainer_class():
+    from transformers import Trainer
+
+    class FtkTrainer(Trainer):
+        def compute_loss(self, model, inputs, *args, **kwargs):
+            out = super().compute_loss(model, inputs, *args, **kwargs)
+            loss = out[0] if isinstance(out, tuple) else out
+            # torch's own error for this ("element 0 of tensors does not require grad") names no cause
+            if model.training and torch_grad_enabled() and not loss.requires_grad:
+                raise RunError("training cannot learn: the training loss does not depend on any trainable "
+                               "parameter (no gradient can flow back from it); check adapter.target_modules "
+                               "and the quantizer (docs/reliability.md, \"Training that cannot learn\")")
+            return out
+
+    return FtkTrainer
+
+
+def torch_grad_enabled() -> bool:
+    import torch
+
+    return torch.is_grad_enabled()
 
 
 def checkpoint_complete(path: Path) -> bool:
@@ -166,6 +232,22 @@ def training_arguments(recipe: dict, output_dir: str, has_eval: bool):
         ddp_find_unused_parameters=False,
         disable_tqdm=not _is_main(),
     )
+
+
+def _tensorboard_callback(logging_dir: Path):
+    """transformers' TensorBoard callback writing into OUTPUT_DIR/logs; None with a note when no
+    TensorBoard writer is installed (it is a dependency, but an environment may lack it)."""
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        tb = TensorBoardCallback()
+    except RuntimeError:
+        if _is_main():
+            print("note: training.report_to names tensorboard but it is not installed (pip install tensorboard); "
+                  "no TensorBoard logs are written (train_log.jsonl has the same values)", flush=True)
+        return None
+    tb.logging_dir = str(logging_dir)
+    return tb
 
 
 def _as_dataset(rows):
@@ -273,9 +355,6 @@ def _loss_rows(history: list[dict]) -> list[dict]:
 
 def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, resume: str | None = None) -> dict:
     """Train the adapter with transformers' Trainer; returns the training metrics."""
-    from transformers import Trainer
-    from transformers.integrations import TensorBoardCallback
-
     out = Path(output_dir)
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -284,15 +363,20 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     if eval_ds is not None and hasattr(eval_ds, "__len__") and len(eval_ds) == 0:
         eval_ds = None
     args = training_arguments(recipe, output_dir, eval_ds is not None)
-    JsonlLogCallback, NanStopCallback = _callback_classes()
+    JsonlLogCallback, NanStopCallback, LearningGuard = _callback_classes()
     t = recipe.get("training") or {}
-    callbacks = [JsonlLogCallback(out / TRAIN_LOG)]
+    trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
+    if not trainable:
+        raise RunError("training cannot learn: no parameter of the model requires a gradient "
+                       "(check the adapter section of the recipe)")
+    guard = LearningGuard(trainable, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
+    callbacks = [guard, JsonlLogCallback(out / TRAIN_LOG)]
     if t.get("stop_on_nan", True):
         callbacks.insert(0, NanStopCallback())
     if "tensorboard" in (t.get("report_to") or []):
-        tb = TensorBoardCallback()
-        tb.logging_dir = str(out / "logs")
-        callbacks.append(tb)
+        tb = _tensorboard_callback(out / "logs")
+        if tb is not None:
+            callbacks.append(tb)
     callbacks += manager.trainer_callbacks(recipe, output_dir) if manager is not None else []
     collator = prepared.collator
     compiling = compile_on(recipe)
@@ -301,8 +385,8 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         # one shape, so the layers compile once instead of again for dynamic lengths
         collator = copy.copy(collator)
         collator.pad_to = int((recipe.get("data") or {}).get("max_length", 512))
-    trainer = Trainer(model=model, args=args, data_collator=collator, train_dataset=train_ds,
-                      eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
+    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
+                               eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
     metrics: dict = {}
     if eval_ds is not None and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]
@@ -323,7 +407,14 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
             raise RunError(f"interrupted at step {step}; checkpoint saved in {saved}; continue with "
                            f"`ftk run RECIPE --resume` (output_dir {where})") from None
         raise RunError(f"interrupted at step {step} before any optimizer step; nothing to resume") from None
+    except BaseException:
+        uncompile_layers(compiled)  # a notebook keeps a usable model
+        raise
     uncompile_layers(compiled)
+    if guard.unchanged(trainer.state):
+        raise RunError(f"training changed nothing: after {trainer.state.global_step - guard.start_step} optimizer "
+                       f"step(s) every trainable weight is bit-identical to where it started; check "
+                       f"training.learning_rate and the gradient norms in {out / TRAIN_LOG}")
     history = trainer.state.log_history
     losses = _loss_rows(history)
     metrics.update({

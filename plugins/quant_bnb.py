@@ -101,7 +101,8 @@ def keep_trainable_layout(model) -> list[str]:
         notes.append(f"bitsandbytes' CPU inference layout (AVX512-BF16) kept off for {repacking} 4-bit layer(s): "
                      f"it has no backward pass")
     if undone:
-        notes.append(f"{undone} 4-bit layer(s) unpacked from bitsandbytes' CPU inference layout")
+        notes.append(f"{undone} 4-bit layer(s) unpacked from bitsandbytes' CPU inference layout (their block "
+                     f"scales stay rounded to bf16 by that repacking)")
     return notes
 
 

@@ -51,5 +51,9 @@ def test_torchrun_two_processes(tmp_path, gpu_defaults):
     steps = [json.loads(x)["step"] for x in (out / "train_log.jsonl").read_text().splitlines()
              if "loss" in json.loads(x)]
     assert steps == [1, 2, 3]
-    assert (out / "adapter" / "adapter_model.safetensors").is_file()
+    # both ranks trained the same adapter: every LoRA B moved away from its zero init
+    from safetensors.torch import load_file
+
+    b = {k: v for k, v in load_file(out / "adapter" / "adapter_model.safetensors").items() if "lora_B" in k}
+    assert len(b) == 10 and all(v.abs().sum() > 0 for v in b.values())
     assert stdout.count("adapter saved to") == 1
