@@ -315,7 +315,8 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
                   base: str | None = None) -> Path:
     """Load the base unquantized, apply the adapter, merge, save a plain transformers model (atomically)."""
     import shutil
-    import tempfile
+
+    from ftk.io import temp_dir
 
     base = base or adapter_base_name(adapter_dir)
     out = Path(out_dir)
@@ -324,7 +325,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     model, tokenizer = load_unquantized(base, adapter_dir, dtype)
     model = model.merge_and_unload()
     out.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{out.name}.", dir=out.parent))
+    tmp = temp_dir(out.parent, f".{out.name}.")
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)

@@ -8,12 +8,11 @@ import functools
 import math
 import os
 import shutil
-import tempfile
 import time
 from pathlib import Path
 
 from ftk.errors import FtkError, RunError
-from ftk.io import append_jsonl, atomic_write_text
+from ftk.io import append_jsonl, atomic_write_text, temp_dir
 from ftk.run import is_main_process as _is_main  # one definition of "rank 0"
 
 CHECKPOINTS = "checkpoints"
@@ -266,7 +265,7 @@ def _as_dataset(rows):
 def save_adapter(model, tokenizer, output_dir: str) -> Path:
     """OUTPUT_DIR/adapter in PEFT format plus the tokenizer, swapped in atomically (rank 0 only)."""
     out = Path(output_dir) / "adapter"
-    tmp = Path(tempfile.mkdtemp(prefix=".adapter.", dir=output_dir))
+    tmp = temp_dir(output_dir, ".adapter.")
     old = None
     try:
         model.save_pretrained(str(tmp))
