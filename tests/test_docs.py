@@ -1,7 +1,10 @@
 """Docs kept true: the recipe reference equals the generated one; README and CI agree."""
 from __future__ import annotations
 
+import json
 import re
+import subprocess
+import sys
 
 from conftest import ROOT
 
@@ -13,16 +16,37 @@ def test_recipe_reference_is_current(fresh_manager):
     assert current == recipe_reference(fresh_manager), "regenerate: ftk schema --markdown > docs/recipe.md"
 
 
-def test_readme_starts_with_the_two_commands_and_ci_runs_the_test_one():
+def test_readme_starts_with_the_two_commands_and_ci_runs_both():
     readme = (ROOT / "README.md").read_text()
     block = re.search(r"```bash\n(.*?)```", readme, re.S).group(1)
     cmds = [ln for ln in block.splitlines() if ln and not ln.startswith("#")]
     assert len(cmds) == 2
     assert "ftk run examples/quickstart.json" in cmds[0]
+    # command 1 installs as a user would: not editable, no extras, a venv of its own
+    assert " -e " not in cmds[0] and "[" not in cmds[0] and "pip install -q torch==2.13.0 . " in cmds[0]
+    assert ".venv/" not in cmds[0]
     assert "pytest" in cmds[1]
     ci = (ROOT / ".ci" / "run").read_text()
-    assert cmds[1] in ci
+    check = ".venv-user/bin/python .ci/check_quickstart.py examples/runs/quickstart/metrics.json"
+    assert -1 < ci.find(cmds[0]) < ci.find(check) < ci.find(cmds[1])
+    assert ci.rstrip().endswith("\n" + cmds[1])  # the test suite runs last: pytest's summary closes CI's output
     assert readme.index("```bash") < 200  # the commands come first
+
+
+def test_ci_quickstart_check_passes_only_when_perplexity_went_down(tmp_path):
+    def check(metrics) -> subprocess.CompletedProcess:
+        f = tmp_path / "metrics.json"
+        f.write_text(metrics if isinstance(metrics, str) else json.dumps(metrics))
+        return subprocess.run([sys.executable, str(ROOT / ".ci" / "check_quickstart.py"), str(f)],
+                              capture_output=True, text=True)
+
+    p = check({"base": {"perplexity": 49.47}, "finetuned": {"perplexity": 45.22}})
+    assert p.returncode == 0 and "base 49.4700, fine-tuned 45.2200" in p.stdout
+    for tuned in (49.47, 50.0, "NaN"):
+        p = check(f'{{"base": {{"perplexity": 49.47}}, "finetuned": {{"perplexity": {tuned}}}}}')
+        assert p.returncode == 1 and p.stdout.splitlines()[-1].startswith("quickstart check FAILED: fine-tuned")
+    p = check({"base": {"perplexity": 49.47}})
+    assert p.returncode == 1 and p.stdout.startswith("quickstart check FAILED: no base and fine-tuned perplexity")
 
 
 def test_docs_pages_linked_from_readme_exist():
