@@ -217,6 +217,46 @@ def _semantic_checks(recipe: dict) -> list[str]:
     vs = data.get("validation_size")
     if isinstance(vs, (int, float)) and not isinstance(vs, bool) and vs >= 1 and vs != int(vs):
         out.append(f"data.validation_size: {vs} must be a fraction below 1 or a whole count")
+    out.extend(_missing_trackers(tr.get("report_to")))
+    return out
+
+
+# training.report_to entry -> the package transformers imports for it when training starts (tensorboard
+# is one of ftk's own dependencies)
+_TRACKERS = {"mlflow": "mlflow", "wandb": "wandb"}
+
+
+def _missing_trackers(report_to) -> list[str]:
+    """Trackers a recipe names whose package is not installed: without this, transformers' callback raises
+    only once the model is loaded. Looked up with find_spec, nothing is imported."""
+    import importlib.util
+
+    if not isinstance(report_to, list):
+        return []
+    return [f"training.report_to: {name} is not installed (pip install {_TRACKERS[name]})"
+            for name in dict.fromkeys(r for r in report_to if isinstance(r, str) and r in _TRACKERS)
+            if importlib.util.find_spec(_TRACKERS[name]) is None]
+
+
+def hardware_errors(recipe: dict) -> list[str]:
+    """What this machine cannot run of a (valid) recipe: fp16 or bf16 precision the hardware lacks,
+    flash_attention_2 without CUDA and flash-attn. ``ftk run`` finds the same before loading weights;
+    ``ftk validate`` asks here so that it accepts only what can train on this machine. torch is imported
+    only when a choice depends on the hardware."""
+    from ftk import model as model_mod
+
+    m, t = recipe.get("model") or {}, recipe.get("training") or {}
+    checks = []
+    if t.get("precision") in ("fp16", "bf16"):
+        checks.append((model_mod.resolve_precision, t["precision"]))
+    if m.get("attn_implementation") == "flash_attention_2":
+        checks.append((model_mod._check_attn, "flash_attention_2"))
+    out = []
+    for check, value in checks:
+        try:
+            check(value)
+        except FtkError as e:
+            out.extend(e.messages)
     return out
 
 

@@ -58,7 +58,33 @@ def apply(model, options, ctx):
                      target_modules=targets, use_rslora=bool(options.get("use_rslora", False)),
                      use_dora=bool(options.get("use_dora", False)),
                      modules_to_save=options.get("modules_to_save") or None, task_type="CAUSAL_LM")
-    return get_peft_model(model, cfg)
+    model = get_peft_model(model, cfg)
+    if cfg.use_dora:
+        keep_int8_scales(model)
+    return model
+
+
+def keep_int8_scales(model) -> int:
+    """DoRA over bitsandbytes int8 on the CPU: keep each layer's row scales (SCB) through PEFT's weight dequantization.
+    On every forward, DoRA calls PEFT's ``dequantize_module_weight``, which on the CPU replaces the layer's
+    weight with ``weight.to("cpu")``. bitsandbytes' ``Int8Params.to`` gives the new weight its int8 data as
+    ``CB`` but copies ``SCB`` only from the weight itself, and after the layer's first forward the scales live
+    in ``layer.state``, not on the weight. The next forward then moves ``CB`` with no scales into the state
+    (``init_8bit_state``) and the matmul dies with ``'NoneType' object has no attribute 'unsqueeze'``
+    (bitsandbytes 0.50, PEFT 0.21). Handing the weight the state's scales back before each forward keeps them.
+    On CUDA PEFT does not replace the weight, so this never fires there. Returns the number of layers guarded."""
+    n = 0
+    for mod in model.modules():
+        if type(mod).__name__ == "Linear8bitLt" and hasattr(mod, "state") and hasattr(mod, "init_8bit_state"):
+            mod.register_forward_pre_hook(_restore_int8_scales)
+            n += 1
+    return n
+
+
+def _restore_int8_scales(layer, _args) -> None:
+    w = layer.weight
+    if getattr(w, "CB", None) is not None and getattr(w, "SCB", None) is None and layer.state.SCB is not None:
+        w.SCB = layer.state.SCB
 
 
 def _linear_leaves(model) -> set[str]:
