@@ -10,7 +10,7 @@ import click
 from ftk.commands import set_option
 
 from ftk import __version__
-from ftk.errors import FtkError
+from ftk.errors import FtkError, PluginFailure
 
 
 def _manager(ctx: click.Context):
@@ -170,7 +170,15 @@ def main(argv: list[str] | None = None) -> None:
         group.main(args=argv, prog_name="ftk", standalone_mode=False)
     except FtkError as e:
         _close_progress_bars()
-        for m in e.messages:
+        messages = list(e.messages)
+        if isinstance(e, PluginFailure):  # a plugin's bug: its traceback on request, as for ftk's own
+            if os.environ.get("FTK_DEBUG") and e.__cause__ is not None:
+                import traceback
+
+                traceback.print_exception(e.__cause__)
+            else:
+                messages[-1] += " (set FTK_DEBUG=1 for the traceback)"
+        for m in messages:
             click.echo(f"error: {m}", err=True)
         sys.exit(e.exit_code)
     except click.exceptions.Abort:

@@ -11,7 +11,8 @@ from __future__ import annotations
 from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
-KINDS = ("dataset", "quantizer", "adapter", "metric")
+# The component kinds, listed once: each is registered through the hook ``ftk_register_<kind>s``.
+KINDS = ("dataset", "quantizer", "adapter", "metric", "trainer")
 
 
 @dataclass
@@ -94,6 +95,45 @@ class Metric(Protocol):
     requires: str
 
     def compute(self, **kwargs) -> dict[str, float]: ...
+
+
+# What a training method can ask the core to prepare (``TrainerPlan.data``): "rows" is what
+# ``ftk.data`` builds from the loaders' examples (tokenized, labels masked, optionally packed), handed
+# over as :class:`PreparedData`.
+DATA_FORMS = ("rows",)
+
+
+@dataclass
+class TrainerContext:
+    """What a trainer's factory gets besides its own options."""
+
+    recipe: dict  # the whole resolved recipe (defaults filled)
+    output_dir: str
+
+
+@dataclass
+class TrainerPlan:
+    """What a trainer's factory returns: how the core builds the transformers ``Trainer`` for this
+    training method. Everything around it stays in the core and is shared by every method: the
+    callbacks (JSONL log, NaN stop, the "training cannot learn" guard, TensorBoard, plugin callbacks),
+    checkpoints and resume, Ctrl-C checkpointing, ``training.compile``, the adapter save and the report.
+    Every field is optional; ``TrainerPlan()`` is plain supervised training on the prepared rows.
+    """
+
+    # the data the method trains on, one of DATA_FORMS; checked before any data loads
+    data: str = "rows"
+    # Called with ftk's Trainer class (``FtkTrainer``, a transformers.Trainer subclass that refuses a loss
+    # no trainable parameter feeds); returns a subclass of it. Building on another library's Trainer
+    # subclass: ``class MyTrainer(base, trl.DPOTrainer)``.
+    trainer_class: Callable[[type], type] | None = None
+    # ``compute_loss(trainer, model, inputs, return_outputs=False, num_items_in_batch=None)`` -> loss, or
+    # (loss, outputs) with return_outputs: replaces Trainer.compute_loss (ftk's check still applies)
+    compute_loss: Callable[..., Any] | None = None
+    # Called with the TrainingArguments the core built from the ``training`` section; returns them or a
+    # replacement carrying the same values (e.g. TRL's DPOConfig with the method's own settings added)
+    training_arguments: Callable[[Any], Any] | None = None
+    trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the Trainer
+    notes: list[str] = field(default_factory=list)  # lines shown to the user before training
 
 
 @dataclass

@@ -758,10 +758,13 @@ def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedD
                       on_error=entry.get("on_error") or d.get("on_error", "raise"),
                       streaming=bool(d.get("streaming")), seed=data_seed(recipe), tokenizer=tokenizer,
                       max_length=d.get("max_length", 512))
-    loaded = comp.factory(dict(entry), ctx)
+    with manager.calling(comp, "loading data"):
+        loaded = comp.factory(dict(entry), ctx)
     if not isinstance(loaded, LoadedData):
         raise DataError(f"data.datasets[{i}]: loader {entry['loader']!r} returned {type(loaded).__name__}, "
                         f"expected ftk.components.LoadedData")
+    if not isinstance(loaded.train, (list, tuple)):  # lazy examples: plugin code runs as they are read
+        loaded.train = manager.iterate(comp, "reading examples", loaded.train)
     return loaded
 
 

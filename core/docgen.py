@@ -61,6 +61,7 @@ def recipe_reference(manager) -> str:
            "when they can). Unknown keys are errors.", "", "## Top level and core sections", "", HEADER]
     out += _rows(base, "", set(base.get("required", [])))
     slots = [("Quantizers", "quantizer", "model.quantization", "method"), ("Adapters", "adapter", "adapter", "method"),
+             ("Trainers", "trainer", "trainer", "method"),
              ("Dataset loaders", "dataset", "data.datasets[]", "loader"), ("Metrics", "metric", "evaluation.metrics[]", "name")]
     items = base["properties"]["data"]["properties"]["datasets"]["items"]
     out += ["", "Every `data.datasets[]` entry also takes:", "", HEADER]

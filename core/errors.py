@@ -1,4 +1,5 @@
-"""User-facing errors. The CLI prints them as one line each and exits with code 2."""
+"""User-facing errors. The CLI prints them as one line each and exits with ``exit_code`` (2 unless a
+class says otherwise)."""
 from __future__ import annotations
 
 
@@ -18,6 +19,21 @@ class DataError(FtkError):
 
 class PluginError(FtkError):
     """A recipe uses a plugin component that is broken, duplicated or missing."""
+
+
+class PluginFailure(PluginError):
+    """Plugin code raised while ftk called it (a factory, a loader's examples, a metric's compute, a
+    callback, a command). The message names the plugin, its package and version, the component, the
+    phase and the exception; the original exception is ``__cause__`` (the CLI prints its traceback
+    with ``FTK_DEBUG=1``). Exit code 1: a bug in a plugin, not bad input from the user."""
+
+    exit_code = 1
+
+    def __init__(self, message: str | list[str], *, plugin: str = "", package: str = "", version: str = "",
+                 component: str = "", phase: str = ""):
+        super().__init__(message)
+        self.plugin, self.package, self.version = plugin, package, version
+        self.component, self.phase = component, phase
 
 
 class RunError(FtkError):

@@ -199,23 +199,42 @@ def build_metrics(recipe: dict, manager) -> list[tuple[str, Any]]:
     """[(name, metric object)] for recipe.evaluation.metrics, each built by its plugin's factory."""
     out = []
     specs = (recipe.get("evaluation") or {}).get("metrics", ["perplexity", "bleu", "rouge"])
+    seen: list[dict] = []
     for i, spec in enumerate(specs):
         spec = {"name": spec} if isinstance(spec, str) else dict(spec)
         name = spec["name"]
         comp = manager.get("metric", name)
-        obj = comp.factory({k: v for k, v in spec.items() if k != "name"})
+        if spec in seen:  # the same metric with the same options reports the same keys: refused up front
+            raise FtkError(f"evaluation.metrics[{i}]: metric {name!r} is listed twice with the same options "
+                           f"(evaluation.metrics[{seen.index(spec)}]); both would report the same keys")
+        seen.append(spec)
+        with manager.calling(comp, "building the metric"):
+            obj = comp.factory({k: v for k, v in spec.items() if k != "name"})
         if getattr(obj, "requires", None) not in ("text", "loss"):
             raise FtkError(f"evaluation.metrics[{i}]: metric {name!r} (plugin {comp.plugin}) has "
                            f"requires={getattr(obj, 'requires', None)!r}; expected 'text' or 'loss'")
-        out.append((name, obj))
+        out.append((name, _AttributedMetric(obj, manager.wrap(comp, "computing", obj.compute))))
     return out
 
 
-def _merge(result: dict, name: str, values: dict, owners: dict) -> None:
+class _AttributedMetric:
+    """A plugin's metric whose ``compute`` names the plugin when it raises (other attributes: the metric's)."""
+
+    def __init__(self, metric, compute):
+        self.metric, self.requires, self.compute = metric, metric.requires, compute
+
+    def __getattr__(self, name):
+        return getattr(self.metric, name)
+
+
+def _merge(result: dict, name: str, values: dict, owners: dict, entry: int) -> None:
+    """Add one metric entry's values; ``owners``: key -> (entry index, name) of who reported it."""
     for k, v in values.items():
-        if k in owners and owners[k] != name:
-            raise FtkError(f"evaluation.metrics: metrics {owners[k]!r} and {name!r} both report {k!r}")
-        owners[k] = name
+        if k in owners and owners[k][0] != entry:
+            other = owners[k][1]
+            raise FtkError(f"evaluation.metrics: metrics {other!r} and {name!r} both report {k!r}" if other != name
+                           else f"evaluation.metrics: two {name!r} entries both report {k!r}")
+        owners[k] = (entry, name)
         result[k] = float(v)
 
 
@@ -250,9 +269,9 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
         if dataloader is None:
             raise FtkError("evaluation: perplexity needs a validation split (data.validation_size > 0)")
         nll, count = PerplexityEvaluator(model, tokenizer).compute_nll(dataloader)
-        for name, m in metrics:
+        for i, (name, m) in enumerate(metrics):
             if m.requires == "loss":
-                _merge(result, name, m.compute(nll_sum=nll, token_count=count), owners)
+                _merge(result, name, m.compute(nll_sum=nll, token_count=count), owners, i)
         result["eval_tokens"] = count
     preds: list[str] = []
     if any(m.requires == "text" for _, m in metrics):
@@ -260,9 +279,9 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
             raise FtkError("evaluation: the generation metrics need (prompt, reference) pairs from the "
                            "validation split, and it has none")
         preds = QualitativeEvaluator(model, tokenizer).generate(prompts, **_gen_call_kwargs(gen))
-        for name, m in metrics:
+        for i, (name, m) in enumerate(metrics):
             if m.requires == "text":
-                _merge(result, name, m.compute(predictions=preds, references=references), owners)
+                _merge(result, name, m.compute(predictions=preds, references=references), owners, i)
     result["eval_samples"] = len(prompts)
     return result, preds
 

@@ -38,6 +38,11 @@ def ftk_register_metrics(register):
     """Register metrics: ``factory(options) -> ftk.components.Metric``."""
 
 
+@hookspec
+def ftk_register_trainers(register):
+    """Register training methods: ``factory(options, ctx) -> ftk.components.TrainerPlan``."""
+
+
 @hookspec(firstresult=True)
 def ftk_adapter_targets(model_type, preset):
     """Return the module names an adapter targets for ``preset`` on ``model_type``, or None.

@@ -10,7 +10,9 @@ Environment switches:
 """
 from __future__ import annotations
 
+import contextlib
 import difflib
+import functools
 import importlib
 import importlib.metadata as md
 import inspect
@@ -23,15 +25,10 @@ import pluggy
 
 from ftk import hookspecs
 from ftk.components import KINDS
-from ftk.errors import PluginError
+from ftk.errors import FtkError, PluginError, PluginFailure
 
 GROUP = "ftk"
-_REGISTER_HOOKS = {
-    "dataset": "ftk_register_datasets",
-    "quantizer": "ftk_register_quantizers",
-    "adapter": "ftk_register_adapters",
-    "metric": "ftk_register_metrics",
-}
+_REGISTER_HOOKS = {kind: f"ftk_register_{kind}s" for kind in KINDS}  # the kinds are listed once
 
 
 @dataclass
@@ -59,6 +56,7 @@ class PluginRecord:
     error: str | None = None
     provides: list[str] = field(default_factory=list)
     module: str = ""
+    hooks: list[str] = field(default_factory=list)  # hook names the plugin implements (even when broken)
 
     def as_json(self) -> dict:
         return {
@@ -138,6 +136,7 @@ class FtkPluginManager:
         self._components = None
 
     def _register_obj(self, obj: Any, rec: PluginRecord) -> None:
+        rec.hooks = [n for n in dir(obj) if n.startswith("ftk_") and self.pm.parse_hookimpl_opts(obj, n) is not None]
         try:
             self.pm.register(obj, name=rec.name)
             self.pm.check_pending()
@@ -167,6 +166,7 @@ class FtkPluginManager:
                         raise TypeError("register(): name must be a non-empty string")
                     if not callable(factory):
                         raise TypeError(f"register({name!r}): factory must be callable")
+                    _check_options_schema(f"{_kind} {name!r}", options_schema)
                     _p.append(Component(kind=_kind, name=name, factory=factory,
                                         description=(description or "").strip().splitlines()[0] if description else "",
                                         options_schema=options_schema or {"type": "object"},
@@ -175,6 +175,10 @@ class FtkPluginManager:
                 try:
                     self._trace(hookname, rec.name)
                     impl.function(register)
+                except _BadSchema as e:
+                    rec.status, rec.error = "error", f"{hookname}: {e}"
+                    rec.provides = []
+                    continue
                 except Exception as e:  # a plugin's hook that raises is recorded, others go on
                     rec.status, rec.error = "error", f"{hookname} raised {type(e).__name__}: {e}"
                     rec.provides = []
@@ -229,27 +233,116 @@ class FtkPluginManager:
             self._build()
         return sorted(self.records.values(), key=lambda r: (r.package != "ftk", r.name))
 
+    # -- calling plugin code -------------------------------------------------------------------
+    def _record(self, plugin_name: str) -> PluginRecord:
+        return self.records.get(plugin_name) or PluginRecord(name=plugin_name, package="?", version="?")
+
+    @contextlib.contextmanager
+    def calling(self, who: Component | PluginRecord, phase: str, what: str | None = None,
+                passthrough: tuple = ()):
+        """Run plugin code: any exception it raises becomes one :class:`PluginFailure` naming the plugin,
+        its package and version, the component (``what``, by default ``who``'s key) and ``phase``
+        ("loading data", "computing", ...). ``FtkError`` raised on purpose (bad data, a stopped run),
+        ``KeyboardInterrupt`` and the ``passthrough`` exception types go through unchanged."""
+        try:
+            yield
+        except FtkError:
+            raise
+        except Exception as e:
+            if passthrough and isinstance(e, passthrough):
+                raise
+            raise _failure(who, phase, what, e) from e
+
+    def wrap(self, who: Component | PluginRecord, phase: str, fn: Callable, what: str | None = None,
+             passthrough: tuple = ()) -> Callable:
+        """``fn`` called inside :meth:`calling`."""
+
+        @functools.wraps(fn)
+        def attributed(*args, **kwargs):
+            with self.calling(who, phase, what, passthrough):
+                return fn(*args, **kwargs)
+
+        return attributed
+
+    def iterate(self, who: Component | PluginRecord, phase: str, iterable):
+        """Iterate over what plugin code yields (a loader's lazy examples) with :meth:`calling`'s
+        attribution for exceptions raised while producing the items."""
+        try:
+            yield from iterable
+        except FtkError:
+            raise
+        except Exception as e:
+            raise _failure(who, phase, None, e) from e
+
+    def _hookimpls(self, hookname: str, warn_broken: str | None = None):
+        """(record, impl) of every working plugin implementing ``hookname``, in pluggy's call order (last
+        registered first). ``warn_broken``: say on stderr which broken plugins implement it (and so are
+        left out), so that a run never silently goes without them."""
+        if warn_broken:
+            for r in self.records.values():
+                if r.status != "ok" and hookname in r.hooks:
+                    print(f"warning: plugin {r.name!r} ({_pkg(r)}) is broken, {warn_broken}: {r.error}",
+                          file=sys.stderr)
+        for impl in reversed(getattr(self.pm.hook, hookname).get_hookimpls()):
+            rec = self._record(impl.plugin_name)
+            if rec.status == "ok":
+                yield rec, impl
+
     # -- other hooks ---------------------------------------------------------------------------
     def adapter_targets(self, model_type: str, preset: str) -> list[str] | None:
+        """The first non-None answer of ``ftk_adapter_targets``; each plugin called on its own, so one
+        that raises is named (and broken plugins are not asked)."""
         self._trace("ftk_adapter_targets", f"{model_type}, {preset}")
-        return self.pm.hook.ftk_adapter_targets(model_type=model_type, preset=preset)
+        kwargs = {"model_type": model_type, "preset": preset}
+        for rec, impl in self._hookimpls("ftk_adapter_targets"):
+            with self.calling(rec, "answering ftk_adapter_targets"):
+                res = impl.function(*[kwargs[a] for a in impl.argnames])
+            if res is not None:
+                return res
+        return None
 
     def trainer_callbacks(self, recipe: dict, output_dir: str) -> list:
+        """The callbacks of every ``ftk_trainer_callbacks`` plugin, each plugin called on its own. A hook
+        or a callback method that raises stops the run with a :class:`PluginFailure` naming its plugin;
+        a broken plugin's callbacks are left out with a warning."""
+        kwargs = {"recipe": recipe, "output_dir": output_dir}
         out = []
-        for res in self.pm.hook.ftk_trainer_callbacks(recipe=recipe, output_dir=output_dir):
-            if res:
-                out.extend(res)
+        for rec, impl in self._hookimpls("ftk_trainer_callbacks", "its trainer callbacks are not attached"):
+            self._trace("ftk_trainer_callbacks", rec.name)
+            with self.calling(rec, "creating trainer callbacks"):
+                res = impl.function(*[kwargs[a] for a in impl.argnames])
+                cbs = [cb() if isinstance(cb, type) else cb for cb in (res or [])]
+            out.extend(self._attributed_callback(rec, cb) for cb in cbs)
         return out
 
+    def _attributed_callback(self, rec: PluginRecord, cb):
+        """The same callback object, its ``on_*`` methods wrapped so that an exception names the plugin."""
+        for event in [n for n in dir(type(cb)) if n.startswith("on_")]:
+            fn = getattr(cb, event, None)
+            if callable(fn):
+                try:
+                    setattr(cb, event, self.wrap(rec, f"handling {event}", fn, f"callback {type(cb).__name__}"))
+                except (AttributeError, TypeError):  # __slots__ or a read-only object: left as it is
+                    pass
+        return cb
+
     def add_commands(self, cli) -> None:
+        import click
+
+        keep = (click.exceptions.ClickException, click.exceptions.Abort, click.exceptions.Exit)
         for impl in self.pm.hook.ftk_register_commands.get_hookimpls():
             rec = self.records.get(impl.plugin_name)
             if rec is None or rec.status != "ok":
                 continue
+            before = dict(cli.commands)
             try:
                 impl.function(cli=cli)
             except Exception as e:
                 rec.status, rec.error = "error", f"ftk_register_commands raised {type(e).__name__}: {e}"
+                continue
+            for name, cmd in cli.commands.items():
+                if before.get(name) is not cmd:
+                    _wrap_command(cmd, lambda c, n: self.wrap(rec, "running it", c, f"command {n!r}", keep))
 
     # -- tracing -------------------------------------------------------------------------------
     def _enable_trace(self) -> None:
@@ -271,6 +364,52 @@ class FtkPluginManager:
     def _trace(self, hook: str, who: str) -> None:
         if getattr(self, "_tracing", False):
             print(f"[ftk trace] {hook} <- {who}", file=sys.stderr)
+
+
+class _BadSchema(Exception):
+    """A registered options_schema that is not a valid JSON Schema."""
+
+
+def _check_options_schema(what: str, schema) -> None:
+    """Options schemas are JSON Schema draft 2020-12 (as ``ftk.recipe`` validates with): a bad one is
+    refused when registered, not when a recipe first uses it."""
+    if schema is None:
+        return
+    import jsonschema
+
+    try:
+        jsonschema.Draft202012Validator.check_schema(schema)
+    except jsonschema.SchemaError as e:
+        at = "/".join(str(p) for p in e.path)
+        raise _BadSchema(f"{what}: options_schema is not a valid JSON Schema (draft 2020-12): {_one_line(e.message)}"
+                         + (f" at {at}" if at else "")) from None
+
+
+def _one_line(text: str, limit: int = 400) -> str:
+    text = " ".join(str(text).split())
+    return text if len(text) <= limit else text[: limit - 3] + "..."
+
+
+def _pkg(rec) -> str:
+    return f"{rec.package} {rec.version}".strip()
+
+
+def _failure(who, phase: str, what: str | None, e: BaseException) -> PluginFailure:
+    plugin = getattr(who, "plugin", None) or who.name  # a Component, or a PluginRecord
+    if what is None and isinstance(who, Component):
+        what = f"{who.kind} {who.name!r}"
+    detail = f"{type(e).__name__}: {_one_line(e)}" if str(e) else type(e).__name__
+    msg = f"plugin {plugin!r} ({_pkg(who)}){', ' + what if what else ''}, while {phase}: {detail}"
+    return PluginFailure(msg, plugin=plugin, package=who.package, version=who.version, component=what or "",
+                         phase=phase)
+
+
+def _wrap_command(cmd, wrap: Callable) -> None:
+    """Wrap the callbacks of a plugin's click command (and of a group's subcommands)."""
+    if cmd.callback is not None:
+        cmd.callback = wrap(cmd.callback, cmd.name)
+    for sub in (getattr(cmd, "commands", None) or {}).values():
+        _wrap_command(sub, wrap)
 
 
 def _env_set(var: str) -> set[str] | None:

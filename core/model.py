@@ -177,7 +177,12 @@ def quantization_plan(recipe: dict, manager, ctx):
     """(method name, QuantizationPlan) from the recipe's quantizer plugin."""
     qopts = dict(recipe["model"].get("quantization") or {"method": "none"})
     qmethod = qopts.pop("method")
-    return qmethod, manager.get("quantizer", qmethod).factory(qopts, ctx)
+    comp = manager.get("quantizer", qmethod)
+    with manager.calling(comp, "planning quantization"):
+        plan = comp.factory(qopts, ctx)
+    if getattr(plan, "after_load", None) is not None:
+        plan.after_load = manager.wrap(comp, "preparing the loaded model", plan.after_load)
+    return qmethod, plan
 
 
 def load_quantized_base(recipe: dict, manager, tokenizer=None):
@@ -216,7 +221,9 @@ def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
     transformers.set_seed(int((recipe.get("training") or {}).get("seed", 42)))
     aopts = dict(recipe.get("adapter") or {"method": "lora"})
     amethod = aopts.pop("method")
-    model = manager.get("adapter", amethod).factory(model, aopts, ctx)
+    comp = manager.get("adapter", amethod)
+    with manager.calling(comp, "attaching the adapter"):
+        model = comp.factory(model, aopts, ctx)
     if kbit and ctx.recipe["training"].get("precision") == "bf16":
         # k-bit preparation upcasts the frozen norms, embeddings and head to fp32 (an fp16 safeguard);
         # under bf16 autocast that costs a cast on every use and the memory of fp32 copies. bf16 has

@@ -20,6 +20,7 @@ from ftk.errors import FtkError
 _COMPONENT_SLOTS = (
     (("model", "quantization"), "method", "quantizer"),
     (("adapter",), "method", "adapter"),
+    (("trainer",), "method", "trainer"),
 )
 
 
@@ -448,6 +449,7 @@ def composed_schema(manager=None) -> dict:
     props["model"]["properties"]["quantization"] = variants(
         "quantizer", props["model"]["properties"]["quantization"], "method")
     props["adapter"] = variants("adapter", props["adapter"], "method")
+    props["trainer"] = variants("trainer", props["trainer"], "method")
     items = props["data"]["properties"]["datasets"]["items"]
     props["data"]["properties"]["datasets"]["items"] = variants("dataset", items, "loader")
     metric_obj = variants("metric", {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}, "name")

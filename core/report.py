@@ -139,6 +139,8 @@ def recipe_summary(recipe: dict) -> list[str]:
     lines = [f"- **Model**: `{model.get('name', '?')}`",
              f"- **Quantization**: {opts(q, 'method')}" if q else "- **Quantization**: none",
              f"- **Adapter**: {opts(ad, 'method')}" if ad else "- **Adapter**: none"]
+    if isinstance(recipe.get("trainer"), dict):
+        lines.append(f"- **Trainer**: {opts(recipe['trainer'], 'method')}")
     for ds in data.get("datasets") or []:
         where = ds.get("path") or ds.get("name") or ""
         lines.append(f"- **Dataset** `{ds.get('loader', '?')}` {where} (template {ds.get('template', 'default')}"

@@ -12,7 +12,7 @@ import sys
 from dataclasses import dataclass
 from pathlib import Path
 
-from ftk.errors import FtkError, RunError
+from ftk.errors import FtkError, PluginFailure, RunError
 from ftk.io import atomic_write_json
 
 REDACT_KEYS = ("token", "api_key", "apikey", "secret", "password")
@@ -89,6 +89,7 @@ class RunState:
     model: object
     model_info: dict
     manifest: dict
+    trainer: object = None  # the recipe's trainer as a ftk.components.TrainerPlan
 
 
 def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> RunState:
@@ -107,6 +108,7 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
     # Everything that can be known before training is checked before training: a run must not die
     # at the end because of something the recipe already said.
     train_mod.resolve_resume(resume, str(out))
+    trainer = train_mod.trainer_plan(recipe, manager, str(out))  # before any data: its data form is checked
     metrics_objs = eval_mod.build_metrics(recipe, manager)
     tokenizer = model_mod.load_tokenizer(recipe)
     prepared = data_mod.prepare_data(recipe, tokenizer, manager)
@@ -125,7 +127,7 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
         "data": {"fingerprint": prepared.fingerprint, "stats": prepared.stats},
         "model": model_info,
     }
-    return RunState(recipe, manager, out, tokenizer, prepared, model, model_info, manifest)
+    return RunState(recipe, manager, out, tokenizer, prepared, model, model_info, manifest, trainer)
 
 
 def train_run(state: RunState, resume: str | None = None) -> dict:
@@ -134,8 +136,8 @@ def train_run(state: RunState, resume: str | None = None) -> dict:
     try:
         with _disk_errors(state.out):
             return train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
-                                   str(state.out), resume=resume)
-    except RunError as e:
+                                   str(state.out), resume=resume, plan=state.trainer)
+    except (RunError, PluginFailure) as e:
         # the folder says why it has checkpoints and logs but no adapter or report
         if is_main_process():
             state.manifest.update(status="failed", error=str(e),
@@ -208,8 +210,11 @@ def check_disk_space(out: Path, model_info: dict, recipe: dict) -> None:
 
 
 def _used_components(recipe: dict, manager):
+    from ftk import train as train_mod
+
     comps = [manager.get("quantizer", recipe["model"]["quantization"]["method"]),
-             manager.get("adapter", recipe["adapter"]["method"])]
+             manager.get("adapter", recipe["adapter"]["method"]),
+             manager.get("trainer", train_mod.trainer_section(recipe)["method"])]
     comps += [manager.get("dataset", d["loader"]) for d in recipe["data"]["datasets"]]
     comps += [manager.get("metric", m["name"]) for m in recipe["evaluation"]["metrics"]]
     return comps

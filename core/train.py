@@ -1,5 +1,7 @@
-"""Training on transformers' Trainer: recipe -> TrainingArguments, our callbacks (JSONL log, NaN stop,
-TensorBoard into OUTPUT_DIR/logs), checkpoints/resume, Ctrl-C checkpointing, atomic adapter save."""
+"""Training on transformers' Trainer: recipe -> TrainingArguments, the recipe's trainer plugin (its
+TrainerPlan: Trainer class, loss, data form), our callbacks (JSONL log, NaN stop, the learning guard,
+TensorBoard into OUTPUT_DIR/logs), checkpoints/resume, Ctrl-C checkpointing, atomic adapter save: the
+same machinery for every trainer."""
 from __future__ import annotations
 
 import contextlib
@@ -11,7 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
-from ftk.errors import FtkError, RunError
+from ftk.errors import FtkError, PluginError, RunError
 from ftk.io import append_jsonl, atomic_write_text, temp_dir
 from ftk.run import is_main_process as _is_main  # one definition of "rank 0"
 
@@ -116,14 +118,20 @@ def _callback_classes():
 
 
 def _trainer_class():
+    import torch
     from transformers import Trainer
 
     class FtkTrainer(Trainer):
+        ftk_compute_loss = None  # a TrainerPlan's compute_loss, set on the instance
+
         def compute_loss(self, model, inputs, *args, **kwargs):
-            out = super().compute_loss(model, inputs, *args, **kwargs)
+            if self.ftk_compute_loss is not None:
+                out = self.ftk_compute_loss(self, model, inputs, *args, **kwargs)
+            else:
+                out = super().compute_loss(model, inputs, *args, **kwargs)
             loss = out[0] if isinstance(out, tuple) else out
             # torch's own error for this ("element 0 of tensors does not require grad") names no cause
-            if model.training and torch_grad_enabled() and not loss.requires_grad:
+            if model.training and torch.is_grad_enabled() and not loss.requires_grad:
                 raise RunError("training cannot learn: the training loss does not depend on any trainable "
                                "parameter (no gradient can flow back from it); check adapter.target_modules "
                                "and the quantizer (docs/reliability.md, \"Training that cannot learn\")")
@@ -132,10 +140,62 @@ def _trainer_class():
     return FtkTrainer
 
 
-def torch_grad_enabled() -> bool:
-    import torch
+def trainer_section(recipe: dict) -> dict:
+    """The recipe's ``trainer`` section; a recipe that did not go through load_recipe gets the schema's
+    default (the core names no training method of its own)."""
+    section = recipe.get("trainer")
+    if isinstance(section, dict) and section.get("method"):
+        return section
+    from ftk.recipe import base_schema
 
-    return torch.is_grad_enabled()
+    return copy.deepcopy(base_schema()["properties"]["trainer"]["default"])
+
+
+# the Trainer's constructor arguments train() sets; a TrainerPlan's trainer_kwargs adds others
+_CORE_TRAINER_KWARGS = ("model", "args", "data_collator", "train_dataset", "eval_dataset", "processing_class",
+                        "callbacks")
+
+
+def trainer_plan(recipe: dict, manager, output_dir: str):
+    """The chosen trainer's TrainerPlan (its factory called with its options), its data form checked."""
+    from ftk.components import DATA_FORMS, TrainerContext, TrainerPlan
+
+    if manager is None:
+        from ftk.manager import get_manager
+
+        manager = get_manager()
+    section = trainer_section(recipe)
+    name = section["method"]
+    comp = manager.get("trainer", name)
+    options = {k: v for k, v in section.items() if k != "method"}
+    with manager.calling(comp, "planning training"):
+        plan = comp.factory(options, TrainerContext(recipe=recipe, output_dir=str(output_dir)))
+    who = f"trainer {name!r} (plugin {comp.plugin!r}, package {comp.package})"
+    if not isinstance(plan, TrainerPlan):
+        raise PluginError(f"{who}: its factory returned {type(plan).__name__}, not ftk.components.TrainerPlan")
+    # the plan's own code runs later, inside training: its failures name the plugin too
+    for field_name, phase in (("trainer_class", "building its Trainer class"), ("compute_loss", "computing the loss"),
+                              ("training_arguments", "setting training arguments")):
+        fn = getattr(plan, field_name)
+        if fn is not None:
+            setattr(plan, field_name, manager.wrap(comp, phase, fn))
+    if plan.data not in DATA_FORMS:
+        raise FtkError(f"trainer.method: {who} trains on {plan.data!r} data, which this ftk cannot prepare "
+                       f"(it prepares: {', '.join(DATA_FORMS)})")
+    taken = [k for k in _CORE_TRAINER_KWARGS if k in plan.trainer_kwargs]
+    if taken:
+        raise PluginError(f"{who}: trainer_kwargs may not set {', '.join(taken)} (ftk sets them)")
+    return plan
+
+
+def _plan_trainer_class(plan, recipe: dict):
+    """ftk's FtkTrainer, or the subclass of it the plan's ``trainer_class`` returns."""
+    base = _trainer_class()
+    cls = plan.trainer_class(base) if plan.trainer_class is not None else base
+    if not (isinstance(cls, type) and issubclass(cls, base)):
+        raise PluginError(f"trainer {trainer_section(recipe)['method']!r}: trainer_class returned {cls!r}, which is "
+                          f"not a subclass of the class it was given (ftk's FtkTrainer)")
+    return cls
 
 
 def checkpoint_complete(path: Path) -> bool:
@@ -352,16 +412,23 @@ def _loss_rows(history: list[dict]) -> list[dict]:
     return [h for h in history if "loss" in h and "eval_loss" not in h]
 
 
-def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, resume: str | None = None) -> dict:
-    """Train the adapter with transformers' Trainer; returns the training metrics."""
+def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, resume: str | None = None,
+          plan=None) -> dict:
+    """Train the adapter with the recipe's trainer (``plan``: its TrainerPlan, built here when not given)
+    on transformers' Trainer; returns the training metrics."""
     out = Path(output_dir)
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
     ckpt = resolve_resume(resume, output_dir)
+    if plan is None:
+        plan = trainer_plan(recipe, manager, output_dir)
+    trainer_cls = _plan_trainer_class(plan, recipe)
     train_ds, eval_ds = _as_dataset(prepared.train), _as_dataset(prepared.validation)
     if eval_ds is not None and hasattr(eval_ds, "__len__") and len(eval_ds) == 0:
         eval_ds = None
     args = training_arguments(recipe, output_dir, eval_ds is not None)
+    if plan.training_arguments is not None:
+        args = plan.training_arguments(args)
     JsonlLogCallback, NanStopCallback, LearningGuard = _callback_classes()
     t = recipe.get("training") or {}
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
@@ -384,8 +451,13 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         # one shape, so the layers compile once instead of again for dynamic lengths
         collator = copy.copy(collator)
         collator.pad_to = int((recipe.get("data") or {}).get("max_length", 512))
-    trainer = _trainer_class()(model=model, args=args, data_collator=collator, train_dataset=train_ds,
-                               eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks)
+    trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=train_ds,
+                          eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks, **plan.trainer_kwargs)
+    if plan.compute_loss is not None:
+        trainer.ftk_compute_loss = plan.compute_loss
+    if _is_main():
+        for note in plan.notes:
+            print(f"note: {note}", flush=True)
     metrics: dict = {}
     if eval_ds is not None and ckpt is None:
         metrics["eval_loss_before"] = trainer.evaluate()["eval_loss"]

@@ -9,7 +9,7 @@ import pytest
 from conftest import ALPACA, DAILYDIALOG, MODEL_DIR
 
 from ftk.data import IGNORE, prepare_data, prepare_tokenizer
-from ftk.errors import DataError
+from ftk.errors import DataError, PluginFailure
 from ftk.recipe import load_recipe
 
 ROWS = json.loads(ALPACA.read_text())
@@ -233,6 +233,7 @@ def test_chat_template_missing_is_a_clear_error(fresh_manager, tmp_path, tok):
 
 def test_seed_style_loader_class_as_a_plugin(tmp_path, tok):
     from ftk.data import loader_from_class
+    from ftk.errors import PluginFailure
     from ftk.hookspecs import hookimpl
     from ftk.manager import FtkPluginManager
 
@@ -365,8 +366,11 @@ def test_prepared_rows_cache_checks_files_a_loader_declares(tmp_path, tok):
     assert calls == ["indexed", "indexed"]  # the declared file changed: loaded again
     assert third.stats["train"]["examples"] == 10 < first.stats["train"]["examples"]
     index.unlink()
-    with pytest.raises(FileNotFoundError):  # gone: no stale rows served, the loader runs (and fails)
+    # gone: no stale rows served, the loader runs (and fails, attributed to its plugin)
+    with pytest.raises(PluginFailure, match=r"plugin 'indexed-plugin' .*dataset 'indexed', while loading data: "
+                                            r"FileNotFoundError") as e:
         prepare_data(r, tok, mgr)
+    assert isinstance(e.value.__cause__, FileNotFoundError)
 
     calls.clear()
     r = make(mgr, tmp_path, [{"loader": "seedstyle"}], validation_size=0)

@@ -85,6 +85,26 @@ def check_ftk_register_metrics(mgr, rec, tmp_path):
     assert chars.compute(predictions=["abcdef"], references=["abc"]) == {"length_ratio": 2.0}
 
 
+def check_ftk_register_trainers(mgr, rec, tmp_path):
+    import torch
+
+    from ftk.components import TrainerContext, TrainerPlan
+    from ftk.recipe import load_recipe
+
+    assert rec.provides == ["trainer:sft_zloss"]
+    raw = {"model": {"name": "not-loaded"}, "data": {"datasets": [{"loader": "custom", "path": "x"}]},
+           "trainer": {"method": "sft_zloss"}}
+    recipe = load_recipe(data=raw, manager=mgr, base_dir=tmp_path)
+    assert recipe["trainer"] == {"method": "sft_zloss", "weight": 0.0001}  # the schema's default
+    plan = mgr.get("trainer", "sft_zloss").factory({"weight": 0.5}, TrainerContext(recipe, str(tmp_path)))
+    assert isinstance(plan, TrainerPlan) and plan.data == "rows" and plan.notes == ["z-loss weight 0.5"]
+    logits = torch.zeros(1, 3, 4)  # logsumexp of 4 equal logits: log(4)
+    out = types.SimpleNamespace(loss=torch.tensor(1.0), logits=logits)
+    loss = plan.compute_loss(None, lambda **kw: out, {"input_ids": None})
+    assert torch.isclose(loss, 1.0 + 0.5 * torch.log(torch.tensor(4.0)) ** 2)
+    assert plan.compute_loss(None, lambda **kw: out, {}, return_outputs=True)[1] is out
+
+
 def check_ftk_adapter_targets(mgr, rec, tmp_path):
     assert mgr.adapter_targets("gpt_neox", "default") == ["query_key_value"]
     assert mgr.adapter_targets("gpt_neox", "all-linear")[0] == "query_key_value"

@@ -10,6 +10,7 @@ import types
 
 import pytest
 
+from ftk.components import KINDS
 from ftk.errors import PluginError
 from ftk.hookspecs import hookimpl
 from ftk.manager import FtkPluginManager
@@ -17,7 +18,7 @@ from ftk.manager import FtkPluginManager
 BUILTIN_PROVIDES = {
     "dataset:alpaca", "dataset:dailydialog", "dataset:custom",
     "quantizer:nf4", "quantizer:fp4", "adapter:lora",
-    "metric:perplexity", "metric:bleu", "metric:rouge",
+    "metric:perplexity", "metric:bleu", "metric:rouge", "trainer:sft",
 }
 
 
@@ -257,7 +258,7 @@ def test_plugins_list_json_shape(fake_dists):
         assert {"name", "version", "status", "error", "provides"} <= set(obj)
         assert obj["status"] in ("ok", "error")
         assert (obj["error"] is None) == (obj["status"] == "ok")
-        assert all(p.split(":")[0] in ("dataset", "quantizer", "adapter", "metric") for p in obj["provides"])
+        assert all(p.split(":")[0] in KINDS for p in obj["provides"])
     broken = next(o for o in data if o["name"] == "broken")
     assert broken["status"] == "error" and "missing dep" in broken["error"]
     table = CliRunner().invoke(cli, ["plugins", "list"], obj={"manager": FtkPluginManager()})
