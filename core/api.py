@@ -22,9 +22,9 @@ from ftk.errors import FtkError
 @dataclass
 class ModelConfig:
     name: str = ""
-    quantization: str = "nf4"  # quantizer plugin: nf4, fp4, int8, none
-    nested: bool = True  # 4-bit only: double quantization
-    compute_dtype: str = "auto"  # 4-bit only
+    quantization: str = "nf4"  # quantizer plugin name (`ftk plugins list`)
+    nested: bool = True  # given to quantizers whose options have "nested" (4-bit: double quantization)
+    compute_dtype: str = "auto"  # given to quantizers whose options have "compute_dtype"
     quantization_options: dict = field(default_factory=dict)  # any other quantizer option
     revision: str | None = None
     cache_dir: str | None = None
@@ -33,15 +33,23 @@ class ModelConfig:
     attn_implementation: str = "sdpa"
     gradient_checkpointing: bool | str = "auto"  # auto: on with a CUDA GPU
 
-    def to_recipe(self) -> dict:
+    def to_recipe(self, manager=None) -> dict:
+        """The recipe's ``model`` section; ``nested`` and ``compute_dtype`` go to the quantizer when its
+        options schema has them (``manager``: where to look the quantizer up; the process's by default)."""
         if not self.name:
             raise FtkError("ModelConfig.name: a local model folder or hub id is required")
         d = asdict(self)
         q = {"method": d.pop("quantization"), **d.pop("quantization_options")}
-        nested, cdt = d.pop("nested"), d.pop("compute_dtype")
-        if q["method"] in ("nf4", "fp4"):
-            q.setdefault("nested", nested)
-            q.setdefault("compute_dtype", cdt)
+        given = {"nested": d.pop("nested"), "compute_dtype": d.pop("compute_dtype")}
+        if manager is None:
+            from ftk.manager import get_manager
+
+            manager = get_manager()
+        comp = manager.components("quantizer").get(q["method"])
+        options = (comp.options_schema.get("properties") or {}) if comp is not None else {}
+        for key, value in given.items():
+            if key in options:
+                q.setdefault(key, value)
         d["quantization"] = q
         return d
 
@@ -131,7 +139,7 @@ class LLAMATrainer:
                            "[{\"loader\": \"alpaca\", \"path\": \"data.json\"}]")
         self.manager = manager or get_manager()
         raw = {
-            "model": model_config.to_recipe(),
+            "model": model_config.to_recipe(self.manager),
             "adapter": (lora_config or LoRAConfig()).to_recipe(),
             "data": data_config.to_recipe(),
             "training": (training_config or TrainingConfig()).to_recipe(),

@@ -134,8 +134,9 @@ def run(ctx, recipe, overrides, resume, overwrite):
 
     if is_main_process() and ("finetuned" in metrics or "base" in metrics):
         from ftk.cmd_eval import format_table
+        from ftk.evaluate import metric_directions
 
-        click.echo("\n" + format_table(metrics))
+        click.echo("\n" + format_table(metrics, metric_directions(r, _manager(ctx))))
         click.echo(f"\nreport: {os.path.join(r['output_dir'], 'report.md')}")
 
 

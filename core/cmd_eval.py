@@ -39,11 +39,12 @@ def load_for_eval(recipe: dict, manager, tokenizer, adapter: str | None):
     return model.eval()
 
 
-def format_table(metrics: dict) -> str:
-    """Plain-text metrics table for the terminal (base | fine-tuned | change)."""
+def format_table(metrics: dict, higher_is_better: dict[str, bool] | None = None) -> str:
+    """Plain-text metrics table for the terminal (base | fine-tuned | change | better); ``higher_is_better``
+    as for ``ftk.report.metrics_table``."""
     from ftk.report import metrics_table, same_warning
 
-    rows = [r for r in metrics_table(metrics) if not r.startswith("|---") and not r.startswith("|:")]
+    rows = [r for r in metrics_table(metrics, higher_is_better) if not r.startswith("|---") and not r.startswith("|:")]
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.startswith("|")]
     if not cells:
         return "\n".join(rows)
@@ -102,11 +103,11 @@ def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
         from ftk.report import write_report
 
         atomic_write_json(Path(out) / "metrics.json", metrics)
-        write_report(out, r, metrics)
+        write_report(out, r, metrics, mgr)
     if as_json:
         click.echo(json.dumps({k: v for k, v in metrics.items() if k != "samples"}, indent=2))
     else:
-        click.echo(format_table(metrics))
+        click.echo(format_table(metrics, eval_mod.metric_directions(r, mgr)))
 
 
 @click.command()

@@ -74,6 +74,18 @@ class QuantizationPlan:
     # only the quantizer knows must be fixed on the loaded layers: for example keeping them off an
     # inference-only layout that cannot backpropagate (see docs/plugins/hooks.md).
     after_load: Callable[[Any], list[str] | None] | None = None
+    # What ``ftk plan`` and the run's model info need from the quantizer (see docs/plugins/hooks.md); each
+    # is optional: left out, ``ftk plan`` says the figure is unknown instead of guessing.
+    # Bytes one quantized linear weight takes, its quantization constants included (4-bit: about 0.5).
+    bytes_per_weight: float | None = None
+    # ``quantizes(module_name, in_features, out_features) -> bool``: whether a linear layer of the
+    # decoder is quantized (None: every one is, when ``bytes_per_weight`` is given).
+    quantizes: Callable[[str, int, int], bool] | None = None
+    # ``count_quantized(model) -> int``: the quantized layers of the loaded model (``quantized_layers``).
+    count_quantized: Callable[[Any], int] | None = None
+    # ``weights_in(parameter) -> int``: how many weights a parameter holds when its storage packs several
+    # per element (4-bit: two per byte); None: ``numel()``. For the run's parameter count.
+    weights_in: Callable[[Any], int] | None = None
 
 
 @dataclass
@@ -85,8 +97,23 @@ class ModelContext:
     targets_for: Callable[[str], list[str] | None] | None = None  # preset -> module names (hook)
 
 
+@dataclass(frozen=True)
+class AdapterInfo:
+    """What an adapter declares up front (``register(..., info=AdapterInfo(...))``) for ``ftk plan``,
+    which sizes a run from the model config before any weights load. Optional; undeclared, ``ftk plan``
+    says the trainable-parameter count (and what depends on it) is unknown.
+
+    - ``trainable_parameters(options, linears, ctx) -> int``: the parameters the adapter trains.
+      ``options``: the ``adapter`` section without ``method``, defaults filled; ``linears``:
+      ``{module name: (in_features, out_features)}`` of the decoder's linear layers as ``ftk plan``
+      models them; ``ctx``: the :class:`ModelContext` (``targets_for`` resolves presets).
+    """
+
+    trainable_parameters: Callable[[dict, dict, ModelContext], int] | None = None
+
+
 class Metric(Protocol):
-    """A metric. ``requires`` says what the evaluator must supply:
+    """A metric. ``requires`` says what the evaluator must supply (one of ``METRIC_INPUTS``):
 
     - ``"text"``: ``compute(predictions=list[str], references=list[str]) -> dict[str, float]``
     - ``"loss"``: ``compute(nll_sum=float, token_count=int) -> dict[str, float]`` (token-weighted)
@@ -95,6 +122,40 @@ class Metric(Protocol):
     requires: str
 
     def compute(self, **kwargs) -> dict[str, float]: ...
+
+
+# What the evaluator can supply to a metric (``Metric.requires``, ``MetricInfo.requires``).
+METRIC_INPUTS = ("text", "loss")
+
+
+@dataclass(frozen=True)
+class MetricInfo:
+    """What a metric declares up front (``register(..., info=MetricInfo(...))``), so that a recipe is
+    checked before any model loads and the report knows which way each key improves. Every field is
+    optional; ``None`` means "not declared" (then ftk learns the keys only when the metric reports them,
+    and the report gives no better/worse verdict for them).
+
+    - ``keys``: the keys ``compute`` returns, a list, or ``keys(options) -> list`` when they depend on the
+      metric's options (given as the factory gets them: defaults filled, without ``name``).
+    - ``higher_is_better``: one bool for every key, or ``{key: bool}`` (keys left out: no verdict).
+    - ``requires``: what the metric needs, as its ``requires`` attribute says (``METRIC_INPUTS``).
+    """
+
+    keys: list[str] | Callable[[dict], list[str]] | None = None
+    higher_is_better: bool | dict[str, bool] | None = None
+    requires: str | None = None
+
+    def keys_for(self, options: dict) -> list[str] | None:
+        """The declared keys for these options (None: undeclared); a callable ``keys`` is called here."""
+        keys = self.keys(dict(options)) if callable(self.keys) else self.keys
+        if keys is not None and (isinstance(keys, str) or not all(isinstance(k, str) and k for k in keys)):
+            raise TypeError(f"MetricInfo.keys must give a list of non-empty strings, got {keys!r}")
+        return None if keys is None else list(keys)
+
+    def direction(self, key: str) -> bool | None:
+        """True: higher is better; False: lower is better; None: not declared."""
+        hib = self.higher_is_better
+        return hib.get(key) if isinstance(hib, dict) else hib
 
 
 # What a training method can ask the core to prepare (``TrainerPlan.data``): "rows" is what

@@ -1,8 +1,9 @@
 """The data pipeline: loaders' examples -> tokenized, masked, split, mixed and packed rows.
 
-Everything between raw files and the batches the trainer sees lives here, plus the helpers the
-built-in loaders share (file reading, bad-record policy, prompt formats). Only the standard library
-and numpy are imported at module level; torch/transformers/datasets load inside functions.
+Everything between raw files and the batches the trainer sees lives here. The helpers loaders are
+written with (file reading, bad-record policy, prompt formats) live in the public ``ftk.loaderkit``
+and are importable from here under their old names too. Only the standard library and numpy are
+imported at module level; torch/transformers/datasets load inside functions.
 
 Labels come from our own masks (segment char spans -> tokens via the fast tokenizer's offsets),
 never from pad ids, so the EOS a model must learn to emit is never masked.
@@ -10,28 +11,27 @@ never from pad ids, so the EOS a model must learn to emit is never masked.
 from __future__ import annotations
 
 import bisect
-import functools
-import csv
 import hashlib
 import io
 import itertools
 import json
 import os
-import string
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Callable, Iterable, Iterator
+from typing import Iterable
 
 import numpy as np
 
 from ftk.components import DataContext, Example, LoadedData, PreparedData, Segment
 from ftk.errors import DataError
+from ftk.loaderkit import (  # noqa: F401 - the loader helpers' old home: ftk.data.<name> keeps working
+    ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DEFAULT_SPEAKERS, BadRecord, RecordPolicy, check_messages, check_path,
+    conversation_example, decode_utf8, detect_format, example_from_row, field_str, file_fingerprint,
+    instruction_example, iter_records, load_hub, loader_from_class, merge_segments, read_text, split_template,
+)
 
 CACHE_VERSION = 2  # 2: own-validation examples named part#vj
 IGNORE = -100
-ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
-ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
-DEFAULT_SPEAKERS = ("User", "Assistant")
 
 
 # == tokenizer ====================================================================================
@@ -65,330 +65,6 @@ def tokenizer_fingerprint(tokenizer) -> str:
     except AttributeError:
         pass
     return fp
-
-
-# == helpers for loaders: files, records, bad-record policy ======================================
-class BadRecord(Exception):
-    """Raised by record parsers; ``reason`` is the short key counted when on_error is 'skip'."""
-
-    def __init__(self, reason: str, message: str):
-        self.reason, self.message = reason, message
-        super().__init__(message)
-
-
-class RecordPolicy:
-    """on_error 'raise': a bad record stops with ``where: problem``; 'skip': it is counted by reason."""
-
-    def __init__(self, on_error: str = "raise"):
-        self.on_error = on_error or "raise"
-        self.skipped: dict[str, int] = {}
-
-    def bad(self, where: str, err: BadRecord) -> None:
-        if self.on_error == "skip":
-            self.skipped[err.reason] = self.skipped.get(err.reason, 0) + 1
-            return
-        raise DataError(f"{where}: {err.message}")
-
-
-def check_path(path: str, what: str = "data file") -> Path:
-    p = Path(path)
-    if not p.exists():
-        raise DataError(f"{path}: {what} not found")
-    return p
-
-
-def decode_utf8(data: bytes, where: str) -> str:
-    try:
-        return data.decode("utf-8-sig")
-    except UnicodeDecodeError as e:
-        line = data[: e.start].count(b"\n") + 1
-        raise DataError(f"{where}:{line}: not UTF-8 text (byte {e.start})") from None
-
-
-def read_text(path: str | Path) -> str:
-    p = check_path(str(path))
-    if p.is_dir():
-        raise DataError(f"{p}: is a folder, expected a file")
-    try:
-        data = p.read_bytes()
-    except OSError as e:
-        raise DataError(f"{p}: cannot read: {e.strerror}") from None
-    return decode_utf8(data, str(p))
-
-
-def file_fingerprint(*paths: str | Path) -> str:
-    h = hashlib.sha256()
-    for p in paths:
-        h.update(str(p).encode() + b"\0")
-        with open(p, "rb") as f:
-            for chunk in iter(lambda: f.read(1 << 22), b""):
-                h.update(chunk)
-    return h.hexdigest()[:20]
-
-
-def detect_format(path: str, fmt: str | None = None) -> str:
-    if fmt and fmt != "auto":
-        return fmt
-    suffix = Path(path).suffix.lower()
-    kinds = {".json": "json", ".jsonl": "jsonl", ".ndjson": "jsonl", ".csv": "csv", ".tsv": "tsv",
-             ".parquet": "parquet", ".pq": "parquet"}
-    if suffix not in kinds:
-        raise DataError(f"{path}: cannot tell the file format from {suffix or 'no extension'!r}; "
-                        f"set \"format\" to one of json, jsonl, csv, tsv, parquet")
-    return kinds[suffix]
-
-
-def iter_records(path: str, fmt: str | None, policy: RecordPolicy) -> Iterator[tuple[str, Any]]:
-    """Yield (where, record) from a JSON array, JSONL, CSV/TSV or Parquet file.
-
-    ``where`` names the file and the record index (JSON, Parquet) or line (JSONL, CSV). A JSONL line
-    that does not parse goes through ``policy`` like any other bad record.
-    """
-    fmt = detect_format(path, fmt)
-    p = check_path(path)
-    if p.is_dir():
-        raise DataError(f"{path}: is a folder, expected a {fmt} file")
-    if fmt == "parquet":
-        try:
-            import pyarrow.parquet as pq
-
-            table = pq.read_table(p)
-        except Exception as e:  # noqa: BLE001 - any pyarrow failure means the file is not usable
-            raise DataError(f"{path}: not a readable Parquet file: {str(e).splitlines()[0]}") from None
-        for i, rec in enumerate(table.to_pylist()):
-            yield f"{path}: record {i}", rec
-        return
-    text = read_text(p)
-    if fmt == "json":
-        try:
-            data = json.loads(text)
-        except json.JSONDecodeError as e:
-            hint = " (one object per line? use a .jsonl file or \"format\": \"jsonl\")" if "Extra data" in e.msg else ""
-            raise DataError(f"{path}:{e.lineno}:{e.colno}: JSON syntax error: {e.msg}{hint}") from None
-        except RecursionError:
-            raise DataError(f"{path}: JSON nested too deeply to read") from None
-        if isinstance(data, dict):
-            lists = [k for k, v in data.items() if isinstance(v, list)]
-            if len(lists) == 1:
-                data = data[lists[0]]
-        if not isinstance(data, list):
-            raise DataError(f"{path}: expected a JSON list of records, got {type(data).__name__}")
-        for i, rec in enumerate(data):
-            yield f"{path}: record {i}", rec
-    elif fmt == "jsonl":
-        for n, line in enumerate(text.splitlines(), 1):
-            if not line.strip():
-                continue
-            try:
-                rec = json.loads(line)
-            except json.JSONDecodeError as e:
-                policy.bad(f"{path}:{n}", BadRecord("invalid_json", f"line does not parse as JSON: {e.msg}"))
-                continue
-            except RecursionError:
-                policy.bad(f"{path}:{n}", BadRecord("invalid_json", "line is JSON nested too deeply to read"))
-                continue
-            yield f"{path}:{n}", rec
-    elif fmt in ("csv", "tsv"):
-        reader = csv.DictReader(io.StringIO(text, newline=""), delimiter="," if fmt == "csv" else "\t")
-        if not reader.fieldnames:
-            raise DataError(f"{path}: empty {fmt.upper()} file (no header row)")
-        try:
-            for rec in reader:
-                yield f"{path}:{reader.line_num}", rec
-        except csv.Error as e:  # e.g. a field over csv.field_size_limit()
-            raise DataError(f"{path}:{reader.reader.line_num}: not valid {fmt.upper()}: {e}") from None
-    else:
-        raise DataError(f"{path}: unknown format {fmt!r}")
-
-
-def field_str(rec: Any, key: str, *, required: bool = True, allow_empty: bool = False) -> str:
-    """The string at ``rec[key]``, or BadRecord saying what is wrong with it."""
-    if not isinstance(rec, dict):
-        raise BadRecord("not_an_object", f"expected an object with fields, got {type(rec).__name__}")
-    if key not in rec or rec[key] is None:
-        if required:
-            raise BadRecord(f"missing_{key}", f"missing field {key!r}")
-        return ""
-    val = rec[key]
-    if not isinstance(val, str):
-        raise BadRecord(f"non_string_{key}", f"field {key!r} must be a string, got {type(val).__name__}")
-    if required and not allow_empty and not val.strip():
-        raise BadRecord(f"empty_{key}", f"field {key!r} is empty")
-    return val
-
-
-# == prompt formats ===============================================================================
-@functools.lru_cache(maxsize=64)
-def _split_template(template: str) -> tuple[str, str]:
-    """Split a template at ``{output}``: the part before is the prompt, the rest is trained.
-
-    The halves are rebuilt from the parsed template, so ``{output!s}``/``{output:>5}`` and escaped
-    braces (``{{output}}``) split where the field really is."""
-    try:
-        parsed = list(string.Formatter().parse(template))
-    except ValueError as e:  # e.g. a lone '{'
-        raise DataError(f"template {template!r}: {e}") from None
-    if [f for _, f, _, _ in parsed].count("output") != 1:
-        raise DataError(f"template {template!r}: must contain {{output}} exactly once (where the response goes)")
-    halves: tuple[list[str], list[str]] = ([], [])
-    side = 0
-    for literal, name, spec, conv in parsed:
-        halves[side].append(literal.replace("{", "{{").replace("}", "}}"))
-        if name is None:
-            continue
-        if name == "output":
-            side = 1
-        halves[side].append("{" + name + (f"!{conv}" if conv else "") + (f":{spec}" if spec else "") + "}")
-    return "".join(halves[0]), "".join(halves[1])
-
-
-def instruction_example(fields: dict, template: str | None = None) -> Example:
-    """Alpaca-style example. ``template`` None/"default"/"chat": the Alpaca format (Input block left
-    out when input is empty); otherwise a format string over the record's fields with ``{output}``."""
-    instruction, inp, output = fields["instruction"], fields.get("input") or "", fields["output"]
-    if template in (None, "default", "chat"):
-        template = ALPACA_TEMPLATE if inp.strip() else ALPACA_TEMPLATE_NO_INPUT
-    head, tail = _split_template(template)
-    values = {**fields, "input": inp}
-    try:
-        if template is ALPACA_TEMPLATE or template is ALPACA_TEMPLATE_NO_INPUT:  # fast path, same text
-            prompt = (f"### Instruction:\n{instruction}\n\n" + (f"### Input:\n{inp}\n\n" if inp.strip() else "")
-                      + "### Response:\n")
-            response = output
-        else:
-            prompt, response = head.format_map(values), tail.format_map(values)
-    except KeyError as e:
-        raise BadRecord("template_field", f"template uses field {e.args[0]!r} that the record does not have") from None
-    except (ValueError, IndexError) as e:
-        raise DataError(f"template {template!r}: {e}") from None
-    user = instruction if not inp.strip() else f"{instruction}\n\n{inp}"
-    return Example(segments=[Segment(prompt, False), Segment(response, True)], prompt=prompt, reference=output,
-                   messages=[{"role": "user", "content": user}, {"role": "assistant", "content": output}])
-
-
-def conversation_example(messages: list[dict], speakers: dict | None = None) -> Example:
-    """A conversation rendered as ``Speaker: text`` lines; assistant turns (and the newline ending
-    them) are trained, the speaker labels and other turns are not. The eval pair is everything
-    before the last assistant turn -> that turn."""
-    names = {"system": "System", "user": DEFAULT_SPEAKERS[0], "assistant": DEFAULT_SPEAKERS[1], **(speakers or {})}
-    segs: list[Segment] = []
-    last_prompt = last_ref = None
-    for k, m in enumerate(messages):
-        label = f"{names[m['role']]}: "
-        sep = "\n" if k < len(messages) - 1 else ""
-        if m["role"] == "assistant":
-            segs.append(Segment(label, False))
-            last_prompt, last_ref = "".join(s.text for s in segs), m["content"]
-            segs.append(Segment(m["content"] + sep, True))
-        else:
-            segs.append(Segment(label + m["content"] + sep, False))
-    if last_ref is None:
-        raise BadRecord("no_assistant_turn", "conversation has no assistant turn to train on")
-    # merge neighbours with the same flag so the example stays small
-    merged: list[Segment] = []
-    for s in segs:
-        if merged and merged[-1].train == s.train:
-            merged[-1] = Segment(merged[-1].text + s.text, s.train)
-        else:
-            merged.append(s)
-    return Example(segments=merged, prompt=last_prompt, reference=last_ref, messages=list(messages))
-
-
-def check_messages(msgs: Any) -> list[dict]:
-    if not isinstance(msgs, list):
-        raise BadRecord("bad_messages", f"messages must be a list, got {type(msgs).__name__}")
-    out = []
-    for j, m in enumerate(msgs):
-        if not isinstance(m, dict):
-            raise BadRecord("bad_messages", f"message {j}: expected an object, got {type(m).__name__}")
-        if m.get("role") not in ("system", "user", "assistant"):
-            raise BadRecord("bad_messages", f"message {j}: role {m.get('role')!r} is not system/user/assistant "
-                                            f"(map your role names with the 'roles' option)")
-        if not isinstance(m.get("content"), str):
-            raise BadRecord("bad_messages", f"message {j}: content must be a string")
-        if not m["content"].strip():
-            raise BadRecord("empty_turn", f"message {j} is empty")
-        out.append({"role": m["role"], "content": m["content"]})
-    if sum(m["role"] != "system" for m in out) < 2:
-        raise BadRecord("too_few_turns", "conversation has fewer than two turns")
-    return out
-
-
-def example_from_row(row: dict, template: str | None = None) -> Example:
-    """A row from a user's DatasetDict: instruction/input/output, prompt/response(completion),
-    messages, or text."""
-    if not isinstance(row, dict):
-        raise BadRecord("not_an_object", f"expected a row of fields, got {type(row).__name__}")
-    if "input_ids" in row and not any(k in row for k in ("instruction", "prompt", "messages", "text")):
-        raise BadRecord("pretokenized", "rows hold only input_ids; ftk tokenizes itself (so it can mask and "
-                                        "pack): return text fields (instruction/input/output, prompt/response, "
-                                        "messages or text)")
-    if "messages" in row:
-        return conversation_example(check_messages(row["messages"]))
-    if "instruction" in row:
-        return instruction_example({"instruction": field_str(row, "instruction"),
-                                    "input": field_str(row, "input", required=False),
-                                    "output": field_str(row, "output")}, template)
-    if "prompt" in row:
-        resp_key = "response" if "response" in row else "completion"
-        prompt, resp = field_str(row, "prompt", allow_empty=True), field_str(row, resp_key)
-        return Example(segments=[Segment(prompt, False), Segment(resp, True)], prompt=prompt, reference=resp)
-    if "text" in row:
-        return Example(segments=[Segment(field_str(row, "text"), True)])
-    raise BadRecord("unknown_shape", f"row has fields {sorted(row)}; expected instruction/output, "
-                                     f"prompt/response, messages or text")
-
-
-def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
-    """Turn a seed-style loader class into a dataset factory.
-
-    ``cls(tokenizer, max_length)`` must have ``load() -> datasets.DatasetDict`` with a ``train`` split
-    (and optionally ``validation``) whose rows have text fields (see :func:`example_from_row`).
-    Register the result like any loader: ``register("mine", loader_from_class(MyLoader))``.
-    """
-
-    def factory(options: dict, ctx: DataContext) -> LoadedData:
-        obj = cls(ctx.tokenizer, ctx.max_length)
-        dd = obj.load()
-        if "train" not in dd:
-            raise DataError(f"{cls.__name__}.load(): returned splits {list(dd)}; a 'train' split is required")
-        policy = RecordPolicy(ctx.on_error)
-        template = options.get("template")
-
-        def convert(split):
-            out = []
-            for i, row in enumerate(dd[split]):
-                try:
-                    out.append(example_from_row(row, template))
-                except BadRecord as e:
-                    policy.bad(f"{cls.__name__} {split} row {i}", e)
-            return out
-
-        train = convert("train")
-        val = convert("validation") if "validation" in dd else None
-        fp = hashlib.sha256(repr([getattr(dd[s], "_fingerprint", "") for s in dd]).encode()).hexdigest()[:20]
-        # load() is arbitrary code: its result cannot be checked without running it
-        return LoadedData(train=train, validation=val, skipped=policy.skipped, fingerprint=f"{cls.__name__}:{fp}",
-                          reusable=False)
-
-    factory.__doc__ = f"ftk loader wrapping {cls.__module__}.{cls.__qualname__}"
-    return factory
-
-
-def load_hub(path: str, ctx: DataContext, options: dict):
-    """A hub dataset (``datasets.load_dataset``) as (train split, validation split or None)."""
-    import datasets
-
-    kw = {k: options[k] for k in ("revision",) if options.get(k)}
-    try:
-        dd = datasets.load_dataset(path, options.get("subset"), streaming=ctx.streaming, **kw)
-    except Exception as e:  # noqa: BLE001 - offline, unknown id, ...: one clear line
-        raise DataError(f"{path}: not a local file and not loadable as a hub dataset: "
-                        f"{(str(e).strip().splitlines() or [type(e).__name__])[0]}") from None
-    if "train" not in dd:
-        raise DataError(f"{path}: hub dataset has splits {list(dd)}; a 'train' split is required")
-    val = next((dd[s] for s in ("validation", "valid", "dev") if s in dd), None)
-    return dd["train"], val, getattr(dd["train"], "_fingerprint", "") or path
 
 
 # == tokenization =================================================================================

@@ -12,6 +12,7 @@ import math
 from pathlib import Path
 from typing import Any, Iterable
 
+from ftk.components import METRIC_INPUTS
 from ftk.errors import FtkError
 
 log = logging.getLogger("ftk.evaluate")
@@ -168,21 +169,28 @@ class QualitativeEvaluator:
         return self.generate([prompt], max_length=max_length, temperature=temperature, top_p=top_p,
                              num_beams=num_beams, do_sample=do_sample, **kwargs)[0]
 
-    def _metric(self, name: str):
+    def compute_metric(self, name: str, references: list[str], hypotheses: list[str]) -> dict[str, float]:
+        """Any installed text metric (``requires = "text"``) by its registered name, default options."""
         if name not in self._metrics:
             from ftk.manager import get_manager
 
             mgr = self._manager or get_manager()
-            self._metrics[name] = mgr.get("metric", name).factory({})
-        return self._metrics[name]
+            comp = mgr.get("metric", name)
+            with mgr.calling(comp, "building the metric"):
+                obj = comp.factory({})
+            if getattr(obj, "requires", None) != "text":
+                raise FtkError(f"metric {name!r} scores {getattr(obj, 'requires', None)!r}, not generated text")
+            self._metrics[name] = _AttributedMetric(obj, mgr.wrap(comp, "computing", obj.compute))
+        return self._metrics[name].compute(predictions=list(hypotheses), references=list(references))
 
+    # the seed API's two names, kept: each is compute_metric with that registered metric
     def compute_bleu(self, references: list[str], hypotheses: list[str]) -> float:
         """Corpus BLEU, sacreBLEU defaults, 0-1 scale."""
-        return self._metric("bleu").compute(predictions=list(hypotheses), references=list(references))["bleu"]
+        return self.compute_metric("bleu", references, hypotheses)["bleu"]
 
     def compute_rouge(self, references: list[str], hypotheses: list[str]) -> dict[str, float]:
         """rouge1/rouge2/rougeL/rougeLsum F-measure (stemming on)."""
-        return self._metric("rouge").compute(predictions=list(hypotheses), references=list(references))
+        return self.compute_metric("rouge", references, hypotheses)
 
 
 def _cut_at_eos(row: list[int], eos) -> list[int]:
@@ -195,47 +203,136 @@ def _cut_at_eos(row: list[int], eos) -> list[int]:
 
 
 # -- metrics from the recipe ------------------------------------------------------------------------
+DEFAULT_METRICS = ["perplexity", "bleu", "rouge"]  # the schema's default for evaluation.metrics
+OWN_KEYS = ("eval_samples", "eval_tokens")  # what ftk itself adds beside the metrics' keys
+
+
+def _metric_specs(recipe: dict) -> list[dict]:
+    """recipe.evaluation.metrics as ``{"name": ..., options...}`` objects."""
+    specs = (recipe.get("evaluation") or {}).get("metrics", DEFAULT_METRICS)
+    return [{"name": s} if isinstance(s, str) else dict(s) for s in specs]
+
+
+def _declared_keys(manager, comp, spec: dict) -> list[str] | None:
+    """The keys a metric entry declares (None: undeclared); ``keys(options)`` gets the options as the
+    factory does (defaults filled, even for a recipe that did not go through ``load_recipe``)."""
+    import copy
+
+    from ftk.recipe import fill_defaults
+
+    if comp.info is None:
+        return None
+    options = fill_defaults(copy.deepcopy({k: v for k, v in spec.items() if k != "name"}), comp.options_schema)
+    with manager.calling(comp, "declaring its keys"):
+        return comp.info.keys_for(options)
+
+
+def check_metrics(recipe: dict, manager) -> list[str]:
+    """What the metrics of a (valid, defaults filled) recipe declare, checked before anything loads: a
+    declared input ftk cannot supply, a key two entries both declare, a key that is ftk's own. One line
+    each, naming the entries' JSON paths. Undeclared keys are checked when reported (``_merge``)."""
+    errors: list[str] = []
+    owners: dict[str, tuple[str, str]] = {}  # key -> (JSON path, metric name) of the first entry declaring it
+    for i, spec in enumerate(_metric_specs(recipe)):
+        path, name = f"evaluation.metrics[{i}]", spec.get("name")
+        try:
+            comp = manager.get("metric", name)
+        except (FtkError, TypeError):
+            continue  # an unknown metric is validate_recipe's error
+        info = comp.info
+        if info is not None and info.requires is not None and info.requires not in METRIC_INPUTS:
+            errors.append(f"{path}: metric {name!r} (plugin {comp.plugin}) requires {info.requires!r}, which this "
+                          f"ftk cannot supply (it supplies {', '.join(METRIC_INPUTS)})")
+        clashes: dict[tuple[str, str], list[str]] = {}
+        for key in _declared_keys(manager, comp, spec) or []:
+            if key in OWN_KEYS:
+                errors.append(f"{path}: metric {name!r} declares {key!r}, a key ftk itself reports")
+            elif key in owners:
+                clashes.setdefault(owners[key], []).append(key)
+            else:
+                owners[key] = (path, name)
+        for (other_path, other), keys in clashes.items():
+            errors.append(f"{path}: metric {name!r} reports {', '.join(map(repr, keys))}, as does {other_path} "
+                          f"(metric {other!r}); one would overwrite the other")
+    return errors
+
+
+def metric_directions(recipe: dict, manager=None) -> dict[str, bool]:
+    """{key: True if higher is better} for every key the recipe's metrics declare a direction for (a
+    ``{key: bool}`` direction counts even without declared keys). What the report's "better" column uses;
+    a key missing here gets no verdict."""
+    if manager is None:
+        from ftk.manager import get_manager
+
+        manager = get_manager()
+    out: dict[str, bool] = {}
+    for spec in _metric_specs(recipe):
+        try:
+            comp = manager.get("metric", spec.get("name"))
+        except (FtkError, TypeError):
+            continue
+        if comp.info is None:
+            continue
+        hib = comp.info.higher_is_better
+        keys = _declared_keys(manager, comp, spec)
+        for k in keys if keys is not None else (hib if isinstance(hib, dict) else ()):
+            if comp.info.direction(k) is not None:
+                out.setdefault(k, comp.info.direction(k))
+    return out
+
+
 def build_metrics(recipe: dict, manager) -> list[tuple[str, Any]]:
     """[(name, metric object)] for recipe.evaluation.metrics, each built by its plugin's factory."""
     out = []
-    specs = (recipe.get("evaluation") or {}).get("metrics", ["perplexity", "bleu", "rouge"])
     seen: list[dict] = []
-    for i, spec in enumerate(specs):
-        spec = {"name": spec} if isinstance(spec, str) else dict(spec)
+    for i, spec in enumerate(_metric_specs(recipe)):
         name = spec["name"]
         comp = manager.get("metric", name)
         if spec in seen:  # the same metric with the same options reports the same keys: refused up front
             raise FtkError(f"evaluation.metrics[{i}]: metric {name!r} is listed twice with the same options "
                            f"(evaluation.metrics[{seen.index(spec)}]); both would report the same keys")
         seen.append(spec)
+        keys = _declared_keys(manager, comp, spec)
         with manager.calling(comp, "building the metric"):
             obj = comp.factory({k: v for k, v in spec.items() if k != "name"})
-        if getattr(obj, "requires", None) not in ("text", "loss"):
+        requires = getattr(obj, "requires", None)
+        declared = comp.info.requires if comp.info is not None else None
+        if requires not in METRIC_INPUTS or declared not in (None, requires):
             raise FtkError(f"evaluation.metrics[{i}]: metric {name!r} (plugin {comp.plugin}) has "
-                           f"requires={getattr(obj, 'requires', None)!r}; expected 'text' or 'loss'")
-        out.append((name, _AttributedMetric(obj, manager.wrap(comp, "computing", obj.compute))))
+                           f"requires={requires!r}; expected " + (f"{declared!r}, as its MetricInfo declares"
+                                                                 if declared else " or ".join(map(repr, METRIC_INPUTS))))
+        out.append((name, _AttributedMetric(obj, manager.wrap(comp, "computing", obj.compute), keys)))
     return out
 
 
 class _AttributedMetric:
-    """A plugin's metric whose ``compute`` names the plugin when it raises (other attributes: the metric's)."""
+    """A plugin's metric whose ``compute`` names the plugin when it raises (other attributes: the metric's);
+    ``keys``: the keys it declared (None: undeclared)."""
 
-    def __init__(self, metric, compute):
-        self.metric, self.requires, self.compute = metric, metric.requires, compute
+    def __init__(self, metric, compute, keys=None):
+        self.metric, self.requires, self.compute, self.keys = metric, metric.requires, compute, keys
 
     def __getattr__(self, name):
         return getattr(self.metric, name)
 
 
-def _merge(result: dict, name: str, values: dict, owners: dict, entry: int) -> None:
-    """Add one metric entry's values; ``owners``: key -> (entry index, name) of who reported it."""
+def _merge(result: dict, name: str, values: dict, owners: dict, entry: int, declared=None) -> None:
+    """Add one metric entry's values; ``owners``: key -> (entry index, name) of who reported it;
+    ``declared``: the keys the metric declared (a key outside them is the plugin's error)."""
     for k, v in values.items():
+        if declared is not None and k not in declared:
+            raise FtkError(f"evaluation.metrics[{entry}]: metric {name!r} reported {k!r}, which it did not "
+                           f"declare (its MetricInfo keys: {', '.join(declared) or '(none)'})")
         if k in owners and owners[k][0] != entry:
             other = owners[k][1]
             raise FtkError(f"evaluation.metrics: metrics {other!r} and {name!r} both report {k!r}" if other != name
                            else f"evaluation.metrics: two {name!r} entries both report {k!r}")
         owners[k] = (entry, name)
         result[k] = float(v)
+
+
+def _declared(metric) -> list[str] | None:
+    return metric.keys if isinstance(metric, _AttributedMetric) else None
 
 
 def generation_settings(recipe: dict) -> dict:
@@ -267,11 +364,12 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
     owners: dict[str, str] = {}
     if any(m.requires == "loss" for _, m in metrics):
         if dataloader is None:
-            raise FtkError("evaluation: perplexity needs a validation split (data.validation_size > 0)")
+            names = ", ".join(dict.fromkeys(n for n, m in metrics if m.requires == "loss"))
+            raise FtkError(f"evaluation: {names} need(s) the loss over a validation split (data.validation_size > 0)")
         nll, count = PerplexityEvaluator(model, tokenizer).compute_nll(dataloader)
         for i, (name, m) in enumerate(metrics):
             if m.requires == "loss":
-                _merge(result, name, m.compute(nll_sum=nll, token_count=count), owners, i)
+                _merge(result, name, m.compute(nll_sum=nll, token_count=count), owners, i, _declared(m))
         result["eval_tokens"] = count
     preds: list[str] = []
     if any(m.requires == "text" for _, m in metrics):
@@ -281,7 +379,7 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
         preds = QualitativeEvaluator(model, tokenizer).generate(prompts, **_gen_call_kwargs(gen))
         for i, (name, m) in enumerate(metrics):
             if m.requires == "text":
-                _merge(result, name, m.compute(predictions=preds, references=references), owners, i)
+                _merge(result, name, m.compute(predictions=preds, references=references), owners, i, _declared(m))
     result["eval_samples"] = len(prompts)
     return result, preds
 
@@ -339,4 +437,4 @@ def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir,
 
 
 __all__ = ["PerplexityEvaluator", "QualitativeEvaluator", "evaluate_run", "evaluate_model", "build_metrics",
-           "score_model", "generation_settings"]
+           "check_metrics", "metric_directions", "score_model", "generation_settings"]

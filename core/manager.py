@@ -41,6 +41,7 @@ class Component:
     plugin: str  # plugin (entry point / registration) name
     package: str  # distribution that ships it
     version: str
+    info: Any = None  # what the component declares up front (a metric: ftk.components.MetricInfo)
 
     @property
     def key(self) -> str:
@@ -161,16 +162,18 @@ class FtkPluginManager:
                     continue
                 pending: list[Component] = []
 
-                def register(name, factory, description="", options_schema=None, *, _rec=rec, _kind=kind, _p=pending):
+                def register(name, factory, description="", options_schema=None, *, info=None, _rec=rec, _kind=kind,
+                             _p=pending):
                     if not isinstance(name, str) or not name:
                         raise TypeError("register(): name must be a non-empty string")
                     if not callable(factory):
                         raise TypeError(f"register({name!r}): factory must be callable")
                     _check_options_schema(f"{_kind} {name!r}", options_schema)
+                    _check_info(_kind, name, info)
                     _p.append(Component(kind=_kind, name=name, factory=factory,
                                         description=(description or "").strip().splitlines()[0] if description else "",
                                         options_schema=options_schema or {"type": "object"},
-                                        plugin=_rec.name, package=_rec.package, version=_rec.version))
+                                        plugin=_rec.name, package=_rec.package, version=_rec.version, info=info))
 
                 try:
                     self._trace(hookname, rec.name)
@@ -383,6 +386,33 @@ def _check_options_schema(what: str, schema) -> None:
         at = "/".join(str(p) for p in e.path)
         raise _BadSchema(f"{what}: options_schema is not a valid JSON Schema (draft 2020-12): {_one_line(e.message)}"
                          + (f" at {at}" if at else "")) from None
+
+
+def _check_info(kind: str, name: str, info) -> None:
+    """``register(..., info=...)``: a metric may declare a ``ftk.components.MetricInfo``, an adapter an
+    ``AdapterInfo``; no other kind declares anything yet. A wrong one marks the plugin as error when registered."""
+    from ftk.components import MetricInfo
+
+    if info is None:
+        return
+    if kind == "adapter":
+        from ftk.components import AdapterInfo
+
+        if not isinstance(info, AdapterInfo) or not (info.trainable_parameters is None
+                                                     or callable(info.trainable_parameters)):
+            raise TypeError(f"register({name!r}): an adapter's info must be a ftk.components.AdapterInfo "
+                            f"(trainable_parameters: a callable)")
+        return
+    if kind != "metric":
+        raise TypeError(f"register({name!r}): info= is only for metrics and adapters (a {kind} declares nothing)")
+    if not isinstance(info, MetricInfo):
+        raise TypeError(f"register({name!r}): info must be a ftk.components.MetricInfo, got {type(info).__name__}")
+    hib = info.higher_is_better
+    if not (hib is None or isinstance(hib, bool)
+            or (isinstance(hib, dict) and all(isinstance(v, bool) for v in hib.values()))):
+        raise TypeError(f"register({name!r}): MetricInfo.higher_is_better must be a bool or {{key: bool}}")
+    if not (info.keys is None or callable(info.keys)):
+        info.keys_for({})  # a fixed list is checked now; a callable when a recipe gives its options
 
 
 def _one_line(text: str, limit: int = 400) -> str:

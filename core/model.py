@@ -120,15 +120,22 @@ def apply_after_load(model, plan) -> None:
         plan.notes.extend(plan.after_load(model) or [])
 
 
-def count_parameters(model) -> tuple[int, int]:
-    """(trainable, total), counting 4-bit packed weights at their real size (as PEFT does)."""
+def count_quantized(model, plan) -> int | None:
+    """The quantizer's own count of its quantized layers (``QuantizationPlan.count_quantized``); None
+    when it does not declare one."""
+    count = getattr(plan, "count_quantized", None)
+    return None if count is None else int(count(model))
+
+
+def count_parameters(model, plan=None) -> tuple[int, int]:
+    """(trainable, total), counting packed quantized weights at their real size (PEFT's own count, or
+    the quantizer's ``QuantizationPlan.weights_in``)."""
     if hasattr(model, "get_nb_trainable_parameters"):
         return model.get_nb_trainable_parameters()
+    weights_in = getattr(plan, "weights_in", None) or (lambda p: p.numel())
     trainable = total = 0
     for p in model.parameters():
-        n = p.numel()
-        if p.__class__.__name__ == "Params4bit":
-            n *= 2 * (p.element_size() if hasattr(p, "element_size") else 1)
+        n = weights_in(p)
         total += n
         trainable += n if p.requires_grad else 0
     return trainable, total
@@ -180,8 +187,11 @@ def quantization_plan(recipe: dict, manager, ctx):
     comp = manager.get("quantizer", qmethod)
     with manager.calling(comp, "planning quantization"):
         plan = comp.factory(qopts, ctx)
-    if getattr(plan, "after_load", None) is not None:
-        plan.after_load = manager.wrap(comp, "preparing the loaded model", plan.after_load)
+    # what the plan holds is plugin code too: an exception it raises names the quantizer
+    for attr, phase in (("after_load", "preparing the loaded model"), ("quantizes", "estimating memory"),
+                        ("count_quantized", "counting quantized layers"), ("weights_in", "counting parameters")):
+        if getattr(plan, attr, None) is not None:
+            setattr(plan, attr, manager.wrap(comp, phase, getattr(plan, attr)))
     return qmethod, plan
 
 
@@ -246,7 +256,7 @@ def load_model(recipe: dict, manager, tokenizer):
     model = prepare_for_training(model, recipe, manager, plan.kbit, ctx)
     amethod = (recipe.get("adapter") or {"method": "lora"})["method"]
     gc = gradient_checkpointing_on(recipe)
-    trainable, total = count_parameters(model)
+    trainable, total = count_parameters(model, plan)
     share = 100.0 * trainable / total if total else 0.0
     from ftk.run import is_main_process
 
@@ -255,9 +265,7 @@ def load_model(recipe: dict, manager, tokenizer):
               f"quantization {qmethod}", flush=True)
         for n in notes:
             print(f"note: {n}", flush=True)
-    # bitsandbytes' own layers only (PEFT's LoRA wrappers reuse the class names)
-    quantized = sum(1 for mod in model.modules() if type(mod).__module__.startswith("bitsandbytes")
-                    and type(mod).__name__ in ("Linear4bit", "Linear8bitLt"))
+    quantized = count_quantized(model, plan)
     info = {
         "name": m["name"],
         "model_type": config.model_type,

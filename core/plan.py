@@ -6,9 +6,15 @@ the projections' inputs, LoRA's dropout and low-rank intermediates, rotary q/k, 
 (fused attention keeps no score matrix), and the SwiGLU MLP's four intermediate-size tensors; plus
 fp32 logits with their log-softmax and gradient. With gradient checkpointing only each layer's input
 is kept, plus one layer recomputed during backward.
+
+What only a component knows comes from its declarations: the quantizer's plan says which linear layers
+it quantizes and the bytes per quantized weight (``QuantizationPlan.quantizes``/``bytes_per_weight``),
+the adapter its trainable-parameter count (``AdapterInfo.trainable_parameters``). A figure a component
+does not declare is reported as unknown (None), never guessed.
 """
 from __future__ import annotations
 
+import copy
 import math
 from dataclasses import dataclass
 
@@ -17,7 +23,7 @@ from ftk.model import gradient_checkpointing_on
 GB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
 _LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
-BLOCK = 64  # bitsandbytes 4-bit block size
+_MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
 @dataclass
@@ -44,6 +50,11 @@ class Shape:
         return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
+    def linears(self) -> dict[str, tuple[int, int]]:
+        """(in, out) per linear layer of the decoder, by module name (what components' declarations get)."""
+        return {f"model.layers.{n}.{'mlp' if p in _MLP_NAMES else 'self_attn'}.{p}": io
+                for n in range(self.layers) for p, io in self.linear_shapes().items()}
+
 
 def _get(cfg, key):
     return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
@@ -65,44 +76,101 @@ def _compute_bytes(recipe: dict, cuda: bool) -> int:
     return _DTYPE_BYTES.get(prec, 4)
 
 
-def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
-    """Peak memory estimate in bytes, split by what holds it."""
+def _filled(recipe: dict, manager) -> dict:
+    """A copy of a (possibly partial) recipe with the defaults ``ftk.recipe`` fills: the base schema's and
+    the chosen quantizer's and adapter's own."""
+    from ftk.recipe import _COMPONENT_SLOTS, base_schema, fill_defaults
+
+    out = fill_defaults(copy.deepcopy(dict(recipe)), base_schema())
+    for path, key, kind in _COMPONENT_SLOTS:
+        section = out
+        for part in path:
+            section = section.get(part) or {}
+        if kind in ("quantizer", "adapter") and key in section:
+            fill_defaults(section, manager.get(kind, section[key]).options_schema)
+    return out
+
+
+def _hf_config(config):
+    """A transformers config for the components' ModelContext (a plain dict is a LLaMA-shaped one)."""
+    if not isinstance(config, dict):
+        return config
+    from transformers import AutoConfig
+
+    kw = dict(config)
+    return AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
+
+
+def declared_sizes(config, recipe: dict, manager) -> dict:
+    """What the recipe's quantizer and adapter declare for this model (``recipe``: defaults filled):
+    ``quantized`` / ``unquantized`` linear parameters and ``weight_bytes`` of the quantized ones,
+    ``trainable`` parameters; None where a component does not say, with the reason in ``unknown``."""
+    from ftk.model import model_context, quantization_plan
+
+    linears = Shape.from_config(config).linears()
+    ctx, _ = model_context(recipe, manager, _hf_config(config))
+    qname, qplan = quantization_plan(recipe, manager, ctx)
+    out = {"quantized": None, "unquantized": None, "weight_bytes": None, "trainable": None, "unknown": []}
+    quantizes = qplan.quantizes
+    if quantizes is None and qplan.bytes_per_weight is not None:
+        quantizes = _every_layer
+    q = None if quantizes is None else sum(i * o for n, (i, o) in linears.items() if quantizes(n, i, o))
+    if q is not None:
+        out["quantized"], out["unquantized"] = q, sum(i * o for i, o in linears.values()) - q
+    if q == 0 or (q is not None and qplan.bytes_per_weight is not None):
+        out["weight_bytes"] = q * qplan.bytes_per_weight if q else 0
+    else:
+        out["unknown"].append(f"weights: unknown for quantizer {qname!r} (it declares no bytes_per_weight)")
+    aopts = dict(recipe["adapter"])
+    comp = manager.get("adapter", aopts.pop("method"))
+    count = getattr(comp.info, "trainable_parameters", None)
+    if count is None:
+        out["unknown"].append(f"trainable parameters: unknown for adapter {comp.name!r} "
+                              f"(it declares no trainable_parameters)")
+    else:
+        with manager.calling(comp, "counting trainable parameters"):
+            out["trainable"] = int(count(aopts, linears, ctx))
+    return out
+
+
+def _every_layer(name: str, in_features: int, out_features: int) -> bool:
+    return True
+
+
+def _times(n, k):
+    return None if n is None else n * k
+
+
+def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> dict:
+    """Peak memory estimate in bytes, split by what holds it (None: a component does not declare it)."""
+    if manager is None:
+        from ftk.manager import get_manager
+
+        manager = get_manager()
+    recipe = _filled(recipe, manager)
+    sizes = declared_sizes(config, recipe, manager)
     s = Shape.from_config(config)
-    q = recipe.get("model", {}).get("quantization", {})
-    method = q.get("method", "nf4")
-    nested = q.get("nested", True)
     r = int(recipe.get("adapter", {}).get("r", 8))
     data, tr = recipe.get("data", {}), recipe.get("training", {})
     tokens = int(tr.get("batch_size", 4)) * int(data.get("max_length", 512))
     d = _compute_bytes(recipe, cuda)
     store = 2 if d == 2 else 4  # unquantized parameters are kept in the compute dtype
 
-    quantized = unquantized = 0
-    for _, (i, o) in s.linear_shapes().items():
-        n = i * o * s.layers
-        if method in ("nf4", "fp4") and i % BLOCK == 0 and o % BLOCK == 0:
-            quantized += n
-        else:
-            unquantized += n
+    linear = sum(i * o for i, o in s.linear_shapes().values()) * s.layers
+    quantized = sizes["quantized"]
     emb = s.vocab * s.hidden * (1 if s.tied else 2)
     norms = s.hidden * (2 * s.layers + 1)
-    if method in ("nf4", "fp4"):
-        const = (1 / BLOCK + 4 / (BLOCK * 256)) if nested else 4 / BLOCK  # absmax per block (+ its own constants)
-        w_bytes = quantized * (0.5 + const)
-    elif method == "int8":
-        w_bytes = quantized * 1.0
-    else:
-        w_bytes = 0
-        unquantized += quantized
-    weights = w_bytes + (unquantized + emb + norms) * store
+    weights = None
+    if sizes["weight_bytes"] is not None:
+        weights = sizes["weight_bytes"] + (sizes["unquantized"] + emb + norms) * store
 
     shapes = s.linear_shapes()
     targets = _targets(recipe)
-    lora_params = sum(r * (shapes[t][0] + shapes[t][1]) for t in targets) * s.layers
-    lora = lora_params * 4  # adapters train in fp32
-    grads = lora_params * 4
+    lora_params = sizes["trainable"]
+    lora = _times(lora_params, 4)  # adapters train in fp32
+    grads = _times(lora_params, 4)
     opt = recipe.get("training", {}).get("optimizer", "paged_adamw_32bit")
-    optimizer = lora_params * (2 if "8bit" in opt else (0 if opt == "sgd" else 8))
+    optimizer = _times(lora_params, 2 if "8bit" in opt else (0 if opt == "sgd" else 8))
 
     h, i, kv = s.hidden, s.intermediate, s.hidden // s.heads * s.kv_heads
     if d != 2:
@@ -130,19 +198,26 @@ def estimate_memory(config, recipe: dict, cuda: bool = False) -> dict:
     logits = tokens * s.vocab * 4 * 3  # fp32 logits, log-softmax kept for backward, their gradient
     # On the CPU the checkpoint is memory-mapped and its pages stay resident after loading; a GPU
     # run reads it through host memory that the GPU figure does not include.
-    ckpt_bytes = 0 if cuda else (quantized + unquantized + emb + norms) * _DTYPE_BYTES.get(
+    ckpt_bytes = 0 if cuda else (linear + emb + norms) * _DTYPE_BYTES.get(
         str(_get(config, "dtype") or "float32").replace("torch.", ""), 4)
-    total = weights + lora + grads + optimizer + activations + logits + ckpt_bytes
+    parts = {"weights": weights, "lora_weights": lora, "optimizer_state": optimizer, "gradients": grads,
+             "activations": activations, "logits": logits, "checkpoint_pages": ckpt_bytes}
+    known = [v for v in parts.values() if v is not None]
+    parts["total"] = sum(known) if len(known) == len(parts) else None
+    params = linear + emb + norms
     return {
-        "parameters": int(quantized + unquantized + emb + norms),
-        "trainable_parameters": int(lora_params),
-        "trainable_share": lora_params / max(1, quantized + unquantized + emb + norms),
-        "bytes": {"weights": int(weights), "lora_weights": int(lora), "optimizer_state": int(optimizer),
-                  "gradients": int(grads), "activations": int(activations), "logits": int(logits),
-                  "checkpoint_pages": int(ckpt_bytes), "total": int(total)},
+        "parameters": int(params),
+        "trainable_parameters": _int(lora_params),
+        "trainable_share": None if lora_params is None else lora_params / max(1, params),
+        "bytes": {k: _int(v) for k, v in parts.items()},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
-                        "quantized_linear_parameters": int(quantized)},
+                        "quantized_linear_parameters": _int(quantized)},
+        "unknown": sizes["unknown"],
     }
+
+
+def _int(v):
+    return None if v is None else int(v)
 
 
 def plan(recipe: dict, manager, with_data: bool = True) -> dict:
@@ -151,15 +226,13 @@ def plan(recipe: dict, manager, with_data: bool = True) -> dict:
     m = recipe["model"]
     cfg = AutoConfig.from_pretrained(m["name"], revision=m.get("revision"), cache_dir=m.get("cache_dir"),
                                      trust_remote_code=m.get("trust_remote_code", False))
-    import copy
-
     import torch
 
     from ftk.model import resolve_precision
 
     concrete = copy.deepcopy(dict(recipe))  # "auto" precision as this machine would run it
     concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"].get("precision", "auto"))
-    out = estimate_memory(cfg, concrete, cuda=torch.cuda.is_available())
+    out = estimate_memory(cfg, concrete, cuda=torch.cuda.is_available(), manager=manager)
     if with_data:
         from ftk import data as data_mod
         from ftk import model as model_mod
@@ -192,15 +265,18 @@ def human(n: float) -> str:
 
 def format_plan(p: dict) -> str:
     b = p["bytes"]
+    t = p["trainable_parameters"]
     lines = [f"parameters: {p['parameters']:,}",
-             f"trainable (adapter) parameters: {p['trainable_parameters']:,} ({100 * p['trainable_share']:.3f}%)",
+             "trainable (adapter) parameters: "
+             + (f"{t:,} ({100 * p['trainable_share']:.3f}%)" if t is not None else "unknown"),
              "peak memory estimate:"]
     for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "checkpoint_pages",
               "total"):
-        lines.append(f"  {k:<16} {human(b[k]):>11}")
+        lines.append(f"  {k:<16} {human(b[k]) if b[k] is not None else 'unknown':>11}")
     a = p["assumptions"]
     lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens, {a['compute_bytes']}-byte compute, "
                  f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'})")
+    lines.extend(f"  {u}" for u in p.get("unknown") or [])
     if "data" in p:
         d = p["data"]
         lines.append(f"training rows: {d.get('train_rows')}, estimated optimizer steps: {d.get('estimated_steps')}")

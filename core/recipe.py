@@ -417,6 +417,10 @@ def load_recipe(path: str | os.PathLike | None = None, overrides: list[str] | No
     resolve_paths(recipe, schema, Path(os.getcwd()))
     normalize_metrics(recipe)  # first, so metrics named by a plain string get their schema defaults too
     errors = _component_defaults_and_paths(recipe, manager, Path(os.getcwd()))
+    if not errors:  # what the metrics declare (keys, inputs), checked with their options complete
+        from ftk.evaluate import check_metrics
+
+        errors = check_metrics(recipe, manager)
     if errors:
         raise FtkError(errors)
     out = Recipe(recipe)

@@ -11,7 +11,6 @@ from typing import Any
 
 from ftk.io import atomic_write_bytes, atomic_write_text
 
-LOWER_IS_BETTER = ("perplexity", "loss")  # metric names containing these improve downwards
 _NOT_METRICS = ("eval_samples", "eval_tokens")
 
 
@@ -74,8 +73,10 @@ def _fmt(v: Any) -> str:
     return f"{v:.4f}" if abs(v) < 1000 else f"{v:.1f}"
 
 
-def metrics_table(metrics: dict) -> list[str]:
-    """Markdown rows: base vs fine-tuned with the change, or whichever side exists."""
+def metrics_table(metrics: dict, higher_is_better: dict[str, bool] | None = None) -> list[str]:
+    """Markdown rows: base vs fine-tuned with the change, or whichever side exists. ``higher_is_better``:
+    {key: bool} as the recipe's metrics declare it (``ftk.evaluate.metric_directions``; by default what the
+    default metrics declare); the "better" column gives no verdict for a key it lacks."""
     base, ft = metrics.get("base") or {}, metrics.get("finetuned") or {}
     keys = list(dict.fromkeys([*ft, *base]))
     keys = [k for k in keys if k not in _NOT_METRICS] + [k for k in _NOT_METRICS if k in keys]
@@ -83,6 +84,10 @@ def metrics_table(metrics: dict) -> list[str]:
         return ["No evaluation metrics were recorded."]
     if base and ft:
         rows = ["| metric | base | fine-tuned | change | better |", "|---|---:|---:|---:|:---:|"]
+        if higher_is_better is None:
+            from ftk.evaluate import metric_directions
+
+            higher_is_better = metric_directions({})
         for k in keys:
             b, f = base.get(k), ft.get(k)
             delta = better = ""
@@ -90,8 +95,12 @@ def metrics_table(metrics: dict) -> list[str]:
                 d = f - b
                 rel = f" ({d / b:+.1%})" if b and math.isfinite(b) and math.isfinite(d) else ""
                 delta = f"{d:+.4f}{rel}" if math.isfinite(d) else str(d)
-                lower = any(s in k for s in LOWER_IS_BETTER)
-                better = "fine-tuned" if (f < b if lower else f > b) else ("same" if f == b else "base")
+                if f == b:
+                    better = "same"
+                elif k not in higher_is_better:  # its metric does not say which way it improves: no guess
+                    better = "–"
+                else:
+                    better = "fine-tuned" if (f > b) == higher_is_better[k] else "base"
             rows.append(f"| {k} | {_fmt(b)} | {_fmt(f)} | {delta} | {better} |")
         return rows
     side, vals = ("fine-tuned", ft) if ft else ("base", base)
@@ -159,21 +168,24 @@ def recipe_summary(recipe: dict) -> list[str]:
     return lines
 
 
-def write_report(output_dir, recipe: dict, metrics: dict) -> Path:
+def write_report(output_dir, recipe: dict, metrics: dict, manager=None) -> Path:
+    """``manager``: where the recipe's metrics are looked up for their declared directions (default: the
+    installed plugins)."""
+    from ftk.evaluate import metric_directions
     from ftk.run import redact  # secret-looking option values never reach the report
 
     out = Path(output_dir)
     out.mkdir(parents=True, exist_ok=True)
     md = ["# ftk run report", ""]
     md += ["## Recipe", ""] + recipe_summary(redact(recipe or {})) + [""]
-    md += ["## Metrics", ""] + metrics_table(metrics or {}) + [""]
+    md += ["## Metrics", ""] + metrics_table(metrics or {}, metric_directions(recipe or {}, manager)) + [""]
     warning = same_warning(metrics or {})
     if warning:
         md += [f"**Warning**: {warning.removeprefix('warning: ')}.", ""]
     fin = (metrics or {}).get("finetuned") or (metrics or {}).get("base") or {}
     if "eval_samples" in fin or "eval_tokens" in fin:
-        md += [f"Generation metrics over {fin.get('eval_samples', 0)} validation prompts; perplexity over "
-               f"{fin.get('eval_tokens', 0)} validation tokens (see docs/evaluation.md for the formulas).", ""]
+        md += [f"Generation metrics over {fin.get('eval_samples', 0)} validation prompts; loss metrics "
+               f"over {fin.get('eval_tokens', 0)} validation tokens (see docs/evaluation.md for the formulas).", ""]
     train = (metrics or {}).get("train")
     if isinstance(train, dict) and train:
         md += ["## Training", ""] + [f"- {k}: {_fmt(v)}" for k, v in train.items()

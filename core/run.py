@@ -159,7 +159,7 @@ def finish_run(state: RunState, metrics: dict) -> dict:
         atomic_write_json(state.out / "metrics.json", metrics)
         state.manifest.update(status="completed", finished=_dt.datetime.now(_dt.timezone.utc).isoformat())
         atomic_write_json(state.out / "manifest.json", redact(state.manifest))
-        report.write_report(state.out, state.recipe, metrics)
+        report.write_report(state.out, state.recipe, metrics, state.manager)
     return metrics
 
 
@@ -187,8 +187,9 @@ def _disk_errors(out: Path):
 def check_eval_data(prepared, metrics_objs) -> None:
     needs = {m.requires for _, m in metrics_objs}
     if "loss" in needs and not prepared.validation_unpacked:
-        raise FtkError("evaluation.metrics: perplexity needs a validation split; set data.validation_size > 0 "
-                       "or use a dataset that has one")
+        names = ", ".join(dict.fromkeys(n for n, m in metrics_objs if m.requires == "loss"))
+        raise FtkError(f"evaluation.metrics: {names} need(s) the loss over a validation split; set "
+                       "data.validation_size > 0 or use a dataset that has one")
     if "text" in needs and not prepared.eval_pairs:
         raise FtkError("evaluation.metrics: the generation metrics need (prompt, reference) pairs from the "
                        "validation split, and it has none; set data.validation_size > 0")

@@ -1,4 +1,5 @@
 """Built-in adapter `lora` over PEFT (rsLoRA and DoRA as options)."""
+from ftk.components import AdapterInfo
 from ftk.hookspecs import hookimpl
 
 LLAMA_ALL = ["q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj"]
@@ -37,6 +38,15 @@ def resolve_targets(target, ctx) -> list[str] | str:
     mt = getattr(getattr(ctx, "model_config", None), "model_type", "?")
     raise FtkError(f"adapter.target_modules: no plugin knows the {target!r} targets for model type {mt!r}; "
                    f"list the module names instead")
+
+
+def trainable_parameters(options, linears, ctx) -> int:
+    """For `ftk plan`: LoRA trains A (r x in) and B (out x r) on each targeted linear layer."""
+    r = int(options.get("r", 8))
+    targets = resolve_targets(options.get("target_modules", ["q_proj", "v_proj"]), ctx)
+    chosen = [shape for name, shape in linears.items()
+              if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)]
+    return sum(r * (i + o) for i, o in chosen)
 
 
 def apply(model, options, ctx):
@@ -97,7 +107,8 @@ def _linear_leaves(model) -> set[str]:
 
 @hookimpl
 def ftk_register_adapters(register):
-    register("lora", apply, description="Low-rank adapters (PEFT LoRA; rsLoRA and DoRA options)", options_schema=SCHEMA)
+    register("lora", apply, description="Low-rank adapters (PEFT LoRA; rsLoRA and DoRA options)", options_schema=SCHEMA,
+             info=AdapterInfo(trainable_parameters=trainable_parameters))
 
 
 @hookimpl

@@ -24,7 +24,7 @@ SCHEMA = {
 
 def _examples(located, policy, template):
     """(where, record) pairs -> Examples; bad records go through the on_error policy."""
-    from ftk.data import BadRecord, field_str, instruction_example
+    from ftk.loaderkit import BadRecord, field_str, instruction_example
 
     for where, rec in located:
         try:
@@ -40,7 +40,7 @@ def _examples(located, policy, template):
 
 
 def _records(path, fmt, policy, template):
-    from ftk.data import iter_records
+    from ftk.loaderkit import iter_records
 
     return _examples(iter_records(path, fmt, policy), policy, template)  # detect_format reads "auto"
 
@@ -53,7 +53,7 @@ def load(options, ctx):
     from pathlib import Path
 
     from ftk.components import LoadedData
-    from ftk.data import RecordPolicy, file_fingerprint, load_hub
+    from ftk.loaderkit import RecordPolicy, file_fingerprint, load_hub
 
     policy = RecordPolicy(ctx.on_error)
     path, template, fmt = options["path"], options.get("template"), options.get("format", "auto")

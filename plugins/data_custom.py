@@ -40,7 +40,7 @@ _DEFAULT_FIELDS = {"instruction": "instruction", "input": "input", "output": "ou
 
 
 def _instruction(rec, fields, template):
-    from ftk.data import field_str, instruction_example
+    from ftk.loaderkit import field_str, instruction_example
 
     vals = {"instruction": field_str(rec, fields["instruction"]),
             "input": field_str(rec, fields["input"], required=False) if fields.get("input") else "",
@@ -52,7 +52,7 @@ def _instruction(rec, fields, template):
 def _conversation(rec, fields, roles):
     from collections.abc import Hashable
 
-    from ftk.data import BadRecord, check_messages, conversation_example
+    from ftk.loaderkit import BadRecord, check_messages, conversation_example
 
     if not isinstance(rec, dict):
         raise BadRecord("not_an_object", f"expected an object with fields, got {type(rec).__name__}")
@@ -78,7 +78,7 @@ def _conversation(rec, fields, roles):
 
 
 def _examples(path, options, policy):
-    from ftk.data import BadRecord, iter_records
+    from ftk.loaderkit import BadRecord, iter_records
 
     fields = {**_DEFAULT_FIELDS, **(options.get("fields") or {})}
     template = options.get("template")
@@ -98,7 +98,8 @@ def _examples(path, options, policy):
 
 def load(options, ctx):
     from ftk.components import LoadedData
-    from ftk.data import DataError, RecordPolicy, file_fingerprint
+    from ftk.errors import DataError
+    from ftk.loaderkit import RecordPolicy, file_fingerprint
 
     tmpl = options.get("template") or "default"
     if options.get("shape") == "conversation" and tmpl not in ("default", "chat"):

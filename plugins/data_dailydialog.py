@@ -35,7 +35,7 @@ EOU = "__eou__"
 
 def parse_dialogue(line, acts=None, emotions=None):
     """Utterances of one native-format line (and its label lists), or BadRecord."""
-    from ftk.data import BadRecord
+    from ftk.loaderkit import BadRecord
 
     parts = line.split(EOU)
     if parts and not parts[-1].strip():
@@ -60,7 +60,7 @@ def parse_dialogue(line, acts=None, emotions=None):
 
 
 def dialogue_examples(turns, meta, mode, speakers):
-    from ftk.data import conversation_example
+    from ftk.loaderkit import conversation_example
 
     names = {"user": speakers[0], "assistant": speakers[1]}
     msgs = [{"role": "user" if k % 2 == 0 else "assistant", "content": t} for k, t in enumerate(turns)]
@@ -86,7 +86,8 @@ def _native_sources(path):
     import zipfile
     from pathlib import Path
 
-    from ftk.data import DataError, decode_utf8, read_text
+    from ftk.errors import DataError
+    from ftk.loaderkit import decode_utf8, read_text
 
     p = Path(path)
     if not p.exists():
@@ -140,7 +141,7 @@ def _native_sources(path):
 
 
 def _read_split(src, policy, mode, speakers, use_labels=True):
-    from ftk.data import BadRecord
+    from ftk.loaderkit import BadRecord
 
     split, text_m, act_m, emo_m, opener, prefix = src
     if not use_labels:
@@ -151,7 +152,7 @@ def _read_split(src, policy, mode, speakers, use_labels=True):
         if m:
             labels[name] = opener(m).splitlines()
             if len(labels[name]) != len(lines):
-                from ftk.data import DataError
+                from ftk.errors import DataError
 
                 raise DataError(f"{prefix}{m}: {len(labels[name])} lines but {prefix}{text_m} has {len(lines)} dialogues")
     out = []
@@ -171,7 +172,8 @@ def load(options, ctx):
     from pathlib import Path
 
     from ftk.components import LoadedData
-    from ftk.data import BadRecord, DataError, RecordPolicy, file_fingerprint, load_hub
+    from ftk.errors import DataError
+    from ftk.loaderkit import BadRecord, RecordPolicy, file_fingerprint, load_hub
 
     tmpl = options.get("template") or "default"
     if tmpl not in ("default", "chat"):

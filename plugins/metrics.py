@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import math
 
+from ftk.components import MetricInfo
 from ftk.errors import FtkError
 from ftk.hookspecs import hookimpl
 
@@ -154,11 +155,19 @@ class Rouge:
         return out
 
 
+def rouge_keys(options: dict) -> list[str]:
+    """The keys ``Rouge.compute`` returns for these options (declared up front, so clashes are found early)."""
+    o = _with_defaults("rouge", options, ROUGE_SCHEMA)
+    suffixes = ("", "_precision", "_recall") if o["precision_recall"] else ("",)
+    return [t + s for t in o["rouge_types"] for s in suffixes]
+
+
 @hookimpl
 def ftk_register_metrics(register):
     register("perplexity", Perplexity, description="exp(token-weighted NLL) over the trained tokens",
-             options_schema=PERPLEXITY_SCHEMA)
+             options_schema=PERPLEXITY_SCHEMA,
+             info=MetricInfo(keys=["perplexity"], higher_is_better=False, requires="loss"))
     register("bleu", Bleu, description="BLEU via sacreBLEU (13a, corpus level by default), 0-1 scale",
-             options_schema=BLEU_SCHEMA)
+             options_schema=BLEU_SCHEMA, info=MetricInfo(keys=["bleu"], higher_is_better=True, requires="text"))
     register("rouge", Rouge, description="ROUGE-1/2/L/Lsum F-measure via rouge-score (stemming on)",
-             options_schema=ROUGE_SCHEMA)
+             options_schema=ROUGE_SCHEMA, info=MetricInfo(keys=rouge_keys, higher_is_better=True, requires="text"))

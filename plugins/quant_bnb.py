@@ -8,6 +8,9 @@ from ftk.hookspecs import hookimpl
 
 # bitsandbytes quantizes 4-bit weights in blocks of 64 values along each row.
 BLOCK_SIZE = 64
+# Each block keeps an fp32 absmax; nested (double) quantization stores it in 8 bits instead, plus an fp32
+# constant per 256 absmax values. Bytes per 4-bit weight, for `ftk plan`:
+FOUR_BIT_BYTES = {True: 0.5 + (1 / BLOCK_SIZE + 4 / (BLOCK_SIZE * 256)), False: 0.5 + 4 / BLOCK_SIZE}
 # bitsandbytes' CPU inference kernel (avx512-bf16 machines) repacks a Linear4bit and asserts
 # out_features % 32 == 0 on its first eval/no-grad call. ftk keeps that kernel off
 # (keep_trainable_layout), but a user who loads the base with plain bitsandbytes to serve the
@@ -120,7 +123,8 @@ def plan(options, ctx, *, method: str):
     from ftk.errors import FtkError
 
     if method == "none":
-        return QuantizationPlan(from_pretrained_kwargs={}, notes=["no quantization: full-precision base"], kbit=False)
+        return QuantizationPlan(from_pretrained_kwargs={}, notes=["no quantization: full-precision base"], kbit=False,
+                                quantizes=_never, count_quantized=_no_layers)
     four_bit = method in ("nf4", "fp4")
     defaults, bad, why = incompatible_linears(ctx.model_config, four_bit)
     if bad and options.get("on_incompatible", "skip") == "error":
@@ -152,7 +156,37 @@ def plan(options, ctx, *, method: str):
                                  llm_int8_skip_modules=skip)
         notes.insert(0, "int8 (LLM.int8())")
     return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True,
-                            after_load=keep_trainable_layout if four_bit else None)
+                            after_load=keep_trainable_layout if four_bit else None,
+                            bytes_per_weight=FOUR_BIT_BYTES[bool(options.get("nested", True))] if four_bit else 1.0,
+                            quantizes=_whole_blocks if four_bit else None, count_quantized=count_quantized,
+                            weights_in=weights_in)
+
+
+def weights_in(param) -> int:
+    """A 4-bit parameter packs two weights per byte of its storage (as PEFT counts it)."""
+    n = param.numel()
+    if type(param).__name__ == "Params4bit":
+        n *= 2 * param.element_size()
+    return n
+
+
+def _whole_blocks(name: str, in_features: int, out_features: int) -> bool:
+    """`ftk plan`'s rule for a 4-bit layer: both widths whole blocks (what the plan has always assumed)."""
+    return in_features % BLOCK_SIZE == 0 and out_features % BLOCK_SIZE == 0
+
+
+def _never(name: str, in_features: int, out_features: int) -> bool:
+    return False
+
+
+def _no_layers(model) -> int:
+    return 0
+
+
+def count_quantized(model) -> int:
+    """bitsandbytes' own quantized layers (PEFT's LoRA wrappers reuse the class names, not the module)."""
+    return sum(1 for mod in model.modules() if type(mod).__module__.startswith("bitsandbytes")
+               and type(mod).__name__ in ("Linear4bit", "Linear8bitLt"))
 
 
 def _factory(method):

@@ -65,6 +65,7 @@ def check_ftk_register_quantizers(mgr, rec, tmp_path):
     plan = mgr.get("quantizer", "fp32").factory({}, ModelContext(model_config=None, recipe={}))
     assert isinstance(plan, QuantizationPlan) and plan.from_pretrained_kwargs == {"dtype": torch.float32}
     assert plan.kbit is False
+    assert plan.quantizes("model.layers.0.self_attn.q_proj", 64, 64) is False and plan.count_quantized(None) == 0
 
 
 def check_ftk_register_adapters(mgr, rec, tmp_path):
@@ -74,6 +75,9 @@ def check_ftk_register_adapters(mgr, rec, tmp_path):
     model = torch.nn.ModuleDict({"input_norm": torch.nn.LayerNorm(4), "proj": torch.nn.Linear(4, 4)})
     out = mgr.get("adapter", "norm_tuning").factory(model, {}, None)
     assert {n for n, p in out.named_parameters() if p.requires_grad} == {"input_norm.weight", "input_norm.bias"}
+    cfg = types.SimpleNamespace(hidden_size=64, num_hidden_layers=5)
+    ctx = types.SimpleNamespace(model_config=cfg)
+    assert mgr.get("adapter", "norm_tuning").info.trainable_parameters({}, {}, ctx) == 64 * 11
 
 
 def check_ftk_register_metrics(mgr, rec, tmp_path):
@@ -83,6 +87,8 @@ def check_ftk_register_metrics(mgr, rec, tmp_path):
     chars = make_metric(mgr, {"name": "length_ratio", "unit": "chars"})
     assert chars.compute(predictions=preds, references=refs) == {"length_ratio": 6 / 6}
     assert chars.compute(predictions=["abcdef"], references=["abc"]) == {"length_ratio": 2.0}
+    info = mgr.components("metric")["length_ratio"].info
+    assert info.keys_for({"unit": "words"}) == ["length_ratio"] and info.direction("length_ratio") is None
 
 
 def check_ftk_register_trainers(mgr, rec, tmp_path):

@@ -4,6 +4,7 @@ This module is imported by every ``ftk`` command, including ``ftk plugins list``
 cheap: it imports nothing heavy and the factories it registers do their work only when a recipe
 uses them.
 """
+from ftk.components import MetricInfo
 from ftk.hookspecs import hookimpl
 
 from ftk_sharegpt import loader, metrics
@@ -16,7 +17,11 @@ def ftk_register_datasets(register):
 
 @hookimpl
 def ftk_register_metrics(register):
+    # declared keys and direction: clashes are refused before training, the report says which is better
     register("distinct_n", metrics.DistinctN, description=metrics.DistinctN.__doc__,
-             options_schema=metrics.DistinctN.SCHEMA)
+             options_schema=metrics.DistinctN.SCHEMA,
+             info=MetricInfo(keys=lambda o: [f"distinct_{k}" for k in range(1, int(o.get("n", 2)) + 1)],
+                             higher_is_better=True, requires="text"))
     register("exact_match", metrics.ExactMatch, description=metrics.ExactMatch.__doc__,
-             options_schema=metrics.ExactMatch.SCHEMA)
+             options_schema=metrics.ExactMatch.SCHEMA,
+             info=MetricInfo(keys=["exact_match"], higher_is_better=True, requires="text"))

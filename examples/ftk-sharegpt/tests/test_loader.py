@@ -99,8 +99,11 @@ def test_bad_record_names_file_and_index(mgr, tmp_path, bad, words):
 def test_jsonl_error_names_line(mgr, tmp_path):
     p = tmp_path / "x.jsonl"
     p.write_text(json.dumps(GOOD) + "\n\n" + '{"conversations": [' + "\n")
-    with pytest.raises(DataError, match=r"x\.jsonl:3: record 1: JSON syntax error"):
+    with pytest.raises(DataError, match=r"x\.jsonl:3: line does not parse as JSON"):
         _load(mgr, path=str(p))
+    # like any bad record, it is skipped and counted with on_error "skip"
+    data = load_dataset(mgr, {"loader": "sharegpt", "path": str(p)}, on_error="skip")
+    assert len(data.train) == 1 and data.skipped == {"invalid_json": 1}
 
 
 def test_skip_counts_bad_records(mgr, tmp_path):
@@ -134,7 +137,9 @@ def test_fingerprint_follows_content(mgr, tmp_path):
     p = _write(tmp_path, [GOOD])
     a = _load(mgr, path=str(p)).fingerprint
     p.write_text(json.dumps([GOOD, GOOD]))
-    assert _load(mgr, path=str(p)).fingerprint != a
+    b = _load(mgr, path=str(p)).fingerprint
+    assert b != a
+    assert _load(mgr, path=str(p), user_prefix="Q: ").fingerprint != b  # options that change the text count
 
 
 @pytest.mark.parametrize("opts, where", [
