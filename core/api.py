@@ -16,22 +16,29 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-from ftk.errors import FtkError
+from ftk.defaults import default_field as _default
+from ftk.defaults import schema_default
+from ftk.errors import FtkError, PluginError
+from ftk.plugins.adapter_lora import SCHEMA as _LORA
+from ftk.plugins.quant_bnb import _FOUR_BIT
+
+# Every field default below is the recipe schema's default for the key it maps to (the base schema, or
+# the built-in LoRA adapter's / 4-bit quantizers' options schema): ftk.defaults reads it from there.
 
 
 @dataclass
 class ModelConfig:
     name: str = ""
-    quantization: str = "nf4"  # quantizer plugin name (`ftk plugins list`)
-    nested: bool = True  # given to quantizers whose options have "nested" (4-bit: double quantization)
-    compute_dtype: str = "auto"  # given to quantizers whose options have "compute_dtype"
+    quantization: str = _default("model.quantization.method")  # quantizer plugin name (`ftk plugins list`)
+    nested: bool = _default("nested", _FOUR_BIT)  # to quantizers with a "nested" option (4-bit double quantization)
+    compute_dtype: str = _default("compute_dtype", _FOUR_BIT)  # to quantizers whose options have "compute_dtype"
     quantization_options: dict = field(default_factory=dict)  # any other quantizer option
-    revision: str | None = None
-    cache_dir: str | None = None
-    trust_remote_code: bool = False
-    allow_pickle: bool = False
-    attn_implementation: str = "sdpa"
-    gradient_checkpointing: bool | str = "auto"  # auto: on with a CUDA GPU
+    revision: str | None = _default("model.revision")
+    cache_dir: str | None = _default("model.cache_dir")
+    trust_remote_code: bool = _default("model.trust_remote_code")
+    allow_pickle: bool = _default("model.allow_pickle")
+    attn_implementation: str = _default("model.attn_implementation")
+    gradient_checkpointing: bool | str = _default("model.gradient_checkpointing")  # auto: on with a CUDA GPU
 
     def to_recipe(self, manager=None) -> dict:
         """The recipe's ``model`` section; ``nested`` and ``compute_dtype`` go to the quantizer when its
@@ -45,7 +52,10 @@ class ModelConfig:
             from ftk.manager import get_manager
 
             manager = get_manager()
-        comp = manager.components("quantizer").get(q["method"])
+        try:  # bare or qualified name, resolved as a recipe resolves it
+            comp = manager.get("quantizer", q["method"])
+        except PluginError:  # unknown here: validation names it with its JSON path
+            comp = None
         options = (comp.options_schema.get("properties") or {}) if comp is not None else {}
         for key, value in given.items():
             if key in options:
@@ -56,15 +66,15 @@ class ModelConfig:
 
 @dataclass
 class LoRAConfig:
-    r: int = 8
-    alpha: float = 16
-    dropout: float = 0.05
-    target_modules: list[str] | str = field(default_factory=lambda: ["q_proj", "v_proj"])
-    bias: str = "none"
-    use_rslora: bool = False
-    use_dora: bool = False
-    modules_to_save: list[str] | None = None
-    method: str = "lora"
+    r: int = _default("r", _LORA)
+    alpha: float = _default("alpha", _LORA)
+    dropout: float = _default("dropout", _LORA)
+    target_modules: list[str] | str = _default("target_modules", _LORA)
+    bias: str = _default("bias", _LORA)
+    use_rslora: bool = _default("use_rslora", _LORA)
+    use_dora: bool = _default("use_dora", _LORA)
+    modules_to_save: list[str] | None = _default("modules_to_save", _LORA)
+    method: str = _default("adapter.method")
 
     def to_recipe(self) -> dict:
         return asdict(self)
@@ -73,11 +83,11 @@ class LoRAConfig:
 @dataclass
 class DataConfig:
     datasets: list[dict] = field(default_factory=list)  # e.g. [{"loader": "alpaca", "path": "..."}]
-    max_length: int = 512
-    validation_size: float = 0.05
-    mixing: str = "concat"
-    packing: bool = True
-    train_on_inputs: bool = False
+    max_length: int = _default("data.max_length")
+    validation_size: float = _default("data.validation_size")
+    mixing: str = _default("data.mixing")
+    packing: bool = _default("data.packing")
+    train_on_inputs: bool = _default("data.train_on_inputs")
     options: dict = field(default_factory=dict)  # any other key of the recipe's data section
 
     def to_recipe(self) -> dict:
@@ -87,24 +97,24 @@ class DataConfig:
 
 @dataclass
 class TrainingConfig:
-    epochs: float = 3
-    max_steps: int = -1
-    batch_size: int = 4
-    gradient_accumulation_steps: int = 4
-    learning_rate: float = 2e-4
-    weight_decay: float = 0.01
-    warmup_ratio: float = 0.03
-    max_grad_norm: float = 0.3
-    lr_scheduler: str = "cosine"
-    optimizer: str = "paged_adamw_32bit"
-    precision: str = "auto"
-    compile: bool | str = "auto"  # torch.compile the decoder layers; auto: on with a CUDA GPU
-    seed: int = 42
-    save_steps: int | None = None
-    save_total_limit: int | None = 2
-    logging_steps: int = 1
-    eval_steps: int | None = None
-    report_to: list[str] = field(default_factory=lambda: ["tensorboard"])
+    epochs: float = _default("training.epochs")
+    max_steps: int = _default("training.max_steps")
+    batch_size: int = _default("training.batch_size")
+    gradient_accumulation_steps: int = _default("training.gradient_accumulation_steps")
+    learning_rate: float = _default("training.learning_rate")
+    weight_decay: float = _default("training.weight_decay")
+    warmup_ratio: float = _default("training.warmup_ratio")
+    max_grad_norm: float = _default("training.max_grad_norm")
+    lr_scheduler: str = _default("training.lr_scheduler")
+    optimizer: str = _default("training.optimizer")
+    precision: str = _default("training.precision")
+    compile: bool | str = _default("training.compile")  # torch.compile the decoder layers; auto: on with a CUDA GPU
+    seed: int = _default("training.seed")
+    save_steps: int | None = _default("training.save_steps")
+    save_total_limit: int | None = _default("training.save_total_limit")
+    logging_steps: int = _default("training.logging_steps")
+    eval_steps: int | None = _default("training.eval_steps")
+    report_to: list[str] = _default("training.report_to")
     options: dict = field(default_factory=dict)  # any other key of the recipe's training section
 
     def to_recipe(self) -> dict:
@@ -114,10 +124,10 @@ class TrainingConfig:
 
 @dataclass
 class EvalConfig:
-    metrics: list = field(default_factory=lambda: ["perplexity", "bleu", "rouge"])
-    max_samples: int = 50
-    compare_base: bool = True
-    num_examples_in_report: int = 5
+    metrics: list = _default("evaluation.metrics")
+    max_samples: int = _default("evaluation.max_samples")
+    compare_base: bool = _default("evaluation.compare_base")
+    num_examples_in_report: int = _default("evaluation.num_examples_in_report")
     generation: dict = field(default_factory=dict)  # max_new_tokens, num_beams, temperature, top_p, ...
 
     def to_recipe(self) -> dict:
@@ -129,7 +139,7 @@ class LLAMATrainer:
 
     def __init__(self, model_config: ModelConfig, lora_config: LoRAConfig | None = None,
                  data_config: DataConfig | None = None, training_config: TrainingConfig | None = None,
-                 eval_config: EvalConfig | None = None, output_dir: str = "runs/ftk", manager=None,
+                 eval_config: EvalConfig | None = None, output_dir: str = schema_default("output_dir"), manager=None,
                  overwrite: bool = False):
         from ftk.manager import get_manager
         from ftk.recipe import load_recipe

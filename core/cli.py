@@ -54,12 +54,18 @@ def plugins_list(ctx, as_json):
     rows = [("NAME", "PACKAGE", "VERSION", "STATUS", "PROVIDES")]
     for r in recs:
         rows.append((r.name, r.package, r.version, r.status, ", ".join(r.provides) if r.status == "ok" else r.error or ""))
-    widths = [max(len(row[i]) for row in rows) for i in range(4)]
-    for row in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(row[:4], widths)) + "  " + row[4])
+    from ftk.tables import format_columns
+
+    click.echo(format_columns(rows, strip=False))  # the last column (PROVIDES) unpadded
     for key, comps in mgr.duplicates().items():
         who = ", ".join(f"{c.plugin} ({c.package})" for c in comps)
         click.echo(f"warning: {key} is registered by several plugins: {who}", err=True)
+    for key, comps in mgr.ambiguous().items():
+        kind, _, name = key.partition(":")
+        picked = [c for c in comps if mgr.components(kind).get(name) is c]
+        says = f"{name!r} means {picked[0].qualified!r}" if picked else f"{name!r} alone is ambiguous"
+        click.echo(f"note: {key} is provided by {', '.join(repr(c.qualified) for c in comps)}; {says}; "
+                   f"write the qualified name to pick one", err=True)
 
 
 @plugins.command("show")
@@ -71,7 +77,8 @@ def plugins_show(ctx, component):
     if not name:
         raise FtkError(f"{component!r}: expected KIND:NAME, e.g. dataset:alpaca")
     comp = _manager(ctx).get(kind, name)
-    click.echo(json.dumps({"kind": kind, "name": name, "description": comp.description, "plugin": comp.plugin,
+    click.echo(json.dumps({"kind": kind, "name": name, "qualified": comp.qualified,
+                           "description": comp.description, "plugin": comp.plugin,
                            "package": comp.package, "version": comp.version,
                            "options_schema": comp.options_schema}, indent=2))
 
@@ -92,6 +99,9 @@ def validate(ctx, recipe, overrides, show):
     errors = hardware_errors(r)
     if errors:
         raise FtkError(errors)
+    from ftk.train import trainer_plan
+
+    trainer_plan(r, _manager(ctx), r["output_dir"])  # the method's own checks (its data form, its kwargs)
     if r["model"].get("trust_remote_code"):
         click.echo("warning: model.trust_remote_code is true: the model repository's own Python code will run",
                    err=True)

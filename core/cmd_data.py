@@ -97,6 +97,8 @@ def preview(recipe, n, as_json, overrides):
 @set_option
 def stats(recipe, as_json, overrides):
     """Examples per dataset and split, token counts, truncated/dropped/skipped, padding waste."""
+    from ftk.tables import format_columns
+
     _, _, prepared = _prepare(recipe, overrides)
     st = prepared.stats
     if as_json or st.get("streaming"):  # streaming stats have no per-dataset table
@@ -107,9 +109,7 @@ def stats(recipe, as_json, overrides):
         rows.append((ds["name"], str(ds["examples"]["train"]), str(ds["examples"]["validation"]),
                      str(ds["tokens"]["mean"]), str(ds["tokens"]["p95"]), str(ds["tokens"]["max"]),
                      str(ds["truncated"]), _counts(ds["dropped"]), _counts(ds["skipped"]), ds["cache"]))
-    widths = [max(len(r[i]) for r in rows) for i in range(len(rows[0]))]
-    for r in rows:
-        click.echo("  ".join(c.ljust(w) for c, w in zip(r, widths)).rstrip())
+    click.echo(format_columns(rows))
     tr, s = st["train"], st["settings"]
     click.echo(f"train: {tr['examples']} examples ({_counts(tr['per_dataset'])}) in {tr['rows']} rows, "
                f"{tr['tokens']} tokens, {tr['trainable_tokens']} trained; validation: "

@@ -7,8 +7,13 @@ from pathlib import Path
 import click
 
 from ftk.commands import set_option
-
+from ftk.defaults import schema_default
 from ftk.errors import FtkError
+
+
+def _gen_default(key: str):
+    """`ftk generate` option defaults are the recipe's evaluation.generation defaults."""
+    return schema_default(f"evaluation.generation.{key}")
 
 
 def _manager(ctx: click.Context):
@@ -43,13 +48,13 @@ def format_table(metrics: dict, higher_is_better: dict[str, bool] | None = None)
     """Plain-text metrics table for the terminal (base | fine-tuned | change | better); ``higher_is_better``
     as for ``ftk.report.metrics_table``."""
     from ftk.report import metrics_table, same_warning
+    from ftk.tables import format_columns
 
     rows = [r for r in metrics_table(metrics, higher_is_better) if not r.startswith("|---") and not r.startswith("|:")]
     cells = [[c.strip() for c in r.strip("|").split("|")] for r in rows if r.startswith("|")]
     if not cells:
         return "\n".join(rows)
-    widths = [max(len(row[i]) for row in cells if i < len(row)) for i in range(len(cells[0]))]
-    table = "\n".join("  ".join(c.ljust(w) for c, w in zip(row, widths)).rstrip() for row in cells)
+    table = format_columns(cells)
     warning = same_warning(metrics)
     return table + (f"\n{warning}" if warning else "")
 
@@ -116,15 +121,17 @@ def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
               help="A trained adapter folder; its base model comes from adapter_config.json unless --base is given.")
 @click.option("--base", "base", default=None, metavar="MODEL",
               help="Base model folder or hub id (alone: generate with the base model, no adapter).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=256, show_default=True)
-@click.option("--num-beams", type=click.IntRange(min=1), default=4, show_default=True,
+@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_gen_default("max_new_tokens"), show_default=True)
+@click.option("--num-beams", type=click.IntRange(min=1), default=_gen_default("num_beams"), show_default=True,
               help="Beam width; 1 with --do-sample off is greedy decoding.")
 @click.option("--do-sample", is_flag=True, help="Sample instead of beam/greedy search.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=0.7, show_default=True,
+@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=_gen_default("temperature"),
+              show_default=True,
               help="Sampling temperature (with --do-sample).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=0.9, show_default=True,
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=_gen_default("top_p"), show_default=True,
               help="Nucleus sampling mass (with --do-sample).")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True), default=1.0, show_default=True)
+@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+              default=_gen_default("repetition_penalty"), show_default=True)
 @click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible --do-sample output).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {prompt, response}.")
 def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, temperature, top_p,

@@ -12,7 +12,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 # The component kinds, listed once: each is registered through the hook ``ftk_register_<kind>s``.
-KINDS = ("dataset", "quantizer", "adapter", "metric", "trainer")
+KINDS = ("dataset", "quantizer", "adapter", "metric", "trainer", "callback")
 
 
 @dataclass

@@ -220,7 +220,7 @@ def cached_tokenize(examples: list[Example], tokenizer, train_on_inputs: bool, d
                     digest: str | None = None) -> tuple[TokenBlock, bool]:
     """Tokenize through the cache: (block, hit). Keyed by the rendered examples (which already
     reflect data, loader options and template), the tokenizer and train_on_inputs."""
-    if not data_cfg.get("cache", True):
+    if not data_cfg["cache"]:
         return tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc), False
     from ftk.io import atomic_write_bytes, atomic_write_json
 
@@ -423,7 +423,7 @@ class _Part:
 
 def data_seed(recipe: dict) -> int:
     d = recipe["data"]
-    return int(d["seed"]) if d.get("seed") is not None else int(recipe.get("training", {}).get("seed", 42))
+    return int(d["seed"]) if d.get("seed") is not None else int(recipe["training"]["seed"])
 
 
 def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedData:
@@ -431,9 +431,9 @@ def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedD
     d = recipe["data"]
     comp = manager.get("dataset", entry["loader"])
     ctx = DataContext(recipe_dir=str(Path(getattr(recipe, "path", None) or ".").resolve().parent),
-                      on_error=entry.get("on_error") or d.get("on_error", "raise"),
+                      on_error=entry.get("on_error") or d["on_error"],
                       streaming=bool(d.get("streaming")), seed=data_seed(recipe), tokenizer=tokenizer,
-                      max_length=d.get("max_length", 512))
+                      max_length=d["max_length"])
     with manager.calling(comp, "loading data"):
         loaded = comp.factory(dict(entry), ctx)
     if not isinstance(loaded, LoadedData):
@@ -474,7 +474,7 @@ def _mix(parts: list[_Part], mixing: str, balance_to: str, rng: np.random.Genera
     """Train examples of all datasets: concat, or balanced by weight (sampled, seeded)."""
     pools = [[_Ref(p.block, int(k), _example_name(p.name, int(k))) for k in p.train_idx] for p in parts]
     if mixing == "balanced" and len(parts) > 1:
-        w = np.array([float(p.entry.get("weight", 1.0)) for p in parts])
+        w = np.array([float(p.entry["weight"]) for p in parts])
         sizes = np.array([len(x) for x in pools], float)
         per_weight = (sizes / w)
         base = per_weight.max() if balance_to == "largest" else per_weight.min()
@@ -530,7 +530,7 @@ def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None,
     prepare_tokenizer(tokenizer)
     if d.get("streaming"):
         return _prepare_streaming(recipe, tokenizer, manager, progress)
-    key = _result_key(recipe, tokenizer, manager) if (reuse and d.get("cache", True)) else None
+    key = _result_key(recipe, tokenizer, manager) if (reuse and d["cache"]) else None
     if key:
         hit = _load_result(cache_root(d) / "prepared" / key, tokenizer)
         if hit is not None:
@@ -581,7 +581,7 @@ def _result_key(recipe: dict, tokenizer, manager) -> str | None:
     from ftk import __version__
 
     blob = [CACHE_VERSION, __version__, sources, tokenizer_fingerprint(tokenizer), data_seed(recipe), _settings(d),
-            int(recipe.get("training", {}).get("batch_size", 4))]
+            int(recipe["training"]["batch_size"])]
     return hashlib.sha256(json.dumps(blob, sort_keys=True, default=str).encode()).hexdigest()[:24]
 
 
@@ -662,7 +662,7 @@ def _keep(block, max_length: int, drop_long: bool):
 def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
     d = recipe["data"]
     seed = data_seed(recipe)
-    max_length = int(d.get("max_length", 512))
+    max_length = int(d["max_length"])
     parts: list[_Part] = []
     declared: list[str] = []  # files the loaders read beyond those their options name
     reusable = True
@@ -685,7 +685,7 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
                            own_validation=bool(val), skipped=dict(loaded.skipped), fingerprint=loaded.fingerprint))
     for p in parts:
         p.digest = examples_digest(p.examples)
-        p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d.get("train_on_inputs", False), d, progress,
+        p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d["train_on_inputs"], d, progress,
                                                desc=f"tokenizing {p.name}", digest=p.digest)
         keep, dropped, truncated = _keep(p.block, max_length, d.get("truncation") == "drop")
         p.dropped.update({reason: int(mask.sum()) for reason, mask in dropped.items()})
@@ -693,7 +693,7 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
         no_label = dropped["no_trainable_tokens"]
         idx = np.arange(len(p.examples))
         train_all, val_all = idx[: p.n_train], idx[p.n_train:]
-        if not p.own_validation and d.get("validation_size", 0):
+        if not p.own_validation and d["validation_size"]:
             rng = np.random.default_rng([seed, p.index])
             t, v = _split(p.n_train, float(d["validation_size"]), rng)
             train_all, val_all = train_all[t], train_all[v]
@@ -704,9 +704,9 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
                             f"max_length {max_length} (e.g. {', '.join(bad) or 'all dropped as too long'}); "
                             f"raise data.max_length or check the template")
     rng = np.random.default_rng(seed)
-    train_refs = _mix(parts, d.get("mixing", "concat"), d.get("balance_to", "largest"), rng)
+    train_refs = _mix(parts, d["mixing"], d["balance_to"], rng)
     val_refs = [_Ref(p.block, int(k), _example_name(p.name, int(k), p.n_train)) for p in parts for k in p.val_idx]
-    packing = bool(d.get("packing", True))
+    packing = bool(d["packing"])
     train_rows = build_rows(train_refs, max_length, packing, rng)
     val_rows = build_rows(val_refs, max_length, packing, None)
     val_unpacked = build_rows(val_refs, max_length, False, None) if packing else val_rows
@@ -733,7 +733,7 @@ def _settings(d: dict) -> dict:
 
 def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
     d = recipe["data"]
-    bs = int(recipe.get("training", {}).get("batch_size", 4))
+    bs = int(recipe["training"]["batch_size"])
     per = []
     for p in parts:
         lens = p.block.lengths
@@ -767,8 +767,8 @@ def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
             "unpacked_pad_to_max_length": padding_waste(ex_lens, bs, max_length),
             "packed": padding_waste(train_rows.lengths, bs),
         },
-        "settings": {"max_length": max_length, "packing": bool(d.get("packing", True)),
-                     "mixing": d.get("mixing", "concat"), "train_on_inputs": bool(d.get("train_on_inputs")),
+        "settings": {"max_length": max_length, "packing": bool(d["packing"]),
+                     "mixing": d["mixing"], "train_on_inputs": bool(d.get("train_on_inputs")),
                      "batch_size": bs},
     }
 
@@ -784,7 +784,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
     examples of the stream (a count; a fraction cannot be taken of an unknown length, so the first
     100 are held out)."""
     d = recipe["data"]
-    max_length, packing = int(d.get("max_length", 512)), bool(d.get("packing", True))
+    max_length, packing = int(d["max_length"]), bool(d["packing"])
     streams, val_parts = [], []
     for i, entry in enumerate(d["datasets"]):
         where = f"data.datasets[{i}] ({entry['loader']})"
@@ -803,7 +803,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
         streams.append((name, entry, it, loaded, where, 0 if own else len(val)))
         val = _render(val, entry, tokenizer, where + " validation")
         if val:
-            blk = tokenize_examples(val, tokenizer, d.get("train_on_inputs", False), False)
+            blk = tokenize_examples(val, tokenizer, d["train_on_inputs"], False)
             keep = np.flatnonzero(_keep(blk, max_length, d.get("truncation") == "drop")[0])
             val_parts.append((name, val, blk, keep, 0 if own else None))
     val_refs = [_Ref(blk, int(k), _example_name(name, int(k), n_train))
@@ -819,7 +819,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
                 if not chunk:
                     break
                 exs = _render(chunk, entry, tokenizer, where, start=n)
-                blk = tokenize_examples(exs, tokenizer, d.get("train_on_inputs", False), False)
+                blk = tokenize_examples(exs, tokenizer, d["train_on_inputs"], False)
                 keep, dropped, truncated = _keep(blk, max_length, d.get("truncation") == "drop")
                 counters["truncated"] += int(truncated.sum())
                 for reason, mask in dropped.items():

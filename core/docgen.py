@@ -62,12 +62,15 @@ def recipe_reference(manager) -> str:
     out += _rows(base, "", set(base.get("required", [])))
     slots = [("Quantizers", "quantizer", "model.quantization", "method"), ("Adapters", "adapter", "adapter", "method"),
              ("Trainers", "trainer", "trainer", "method"),
-             ("Dataset loaders", "dataset", "data.datasets[]", "loader"), ("Metrics", "metric", "evaluation.metrics[]", "name")]
+             ("Dataset loaders", "dataset", "data.datasets[]", "loader"), ("Metrics", "metric", "evaluation.metrics[]", "name"),
+             ("Callbacks", "callback", "callbacks[]", "name")]
     items = base["properties"]["data"]["properties"]["datasets"]["items"]
     out += ["", "Every `data.datasets[]` entry also takes:", "", HEADER]
     out += _rows(items, "data.datasets[].", set(items.get("required", [])))
     for title, kind, where, key in slots:
         out += ["", f"## {title} (`{where}`, chosen by `{key}`)", ""]
+        if not manager.components(kind):
+            out += ["None installed.", ""]
         for name, comp in sorted(manager.components(kind).items()):
             out += [f"### `{name}` — {comp.description}", "", f"From plugin `{comp.plugin}` (package `{comp.package}`).", ""]
             rows = _rows(comp.options_schema, f"{where}.", set(comp.options_schema.get("required", [])))

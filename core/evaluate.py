@@ -13,13 +13,13 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ftk.components import METRIC_INPUTS
+from ftk.defaults import schema_default, section_defaults
 from ftk.errors import FtkError
 
 log = logging.getLogger("ftk.evaluate")
 
 IGNORE_INDEX = -100
-GENERATION_DEFAULTS = {"max_new_tokens": 256, "num_beams": 4, "do_sample": False, "temperature": 0.7,
-                       "top_p": 0.9, "repetition_penalty": 1.0, "batch_size": 8}
+GENERATION_DEFAULTS = section_defaults("evaluation.generation")  # the schema's evaluation.generation
 
 
 def _device(model):
@@ -203,7 +203,7 @@ def _cut_at_eos(row: list[int], eos) -> list[int]:
 
 
 # -- metrics from the recipe ------------------------------------------------------------------------
-DEFAULT_METRICS = ["perplexity", "bleu", "rouge"]  # the schema's default for evaluation.metrics
+DEFAULT_METRICS = schema_default("evaluation.metrics")
 OWN_KEYS = ("eval_samples", "eval_tokens")  # what ftk itself adds beside the metrics' keys
 
 
@@ -389,13 +389,13 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
     ev = recipe.get("evaluation") or {}
     metrics = build_metrics(recipe, manager)
     gen = generation_settings(recipe)
-    pairs = list(prepared.eval_pairs or [])[: ev.get("max_samples", 50)]
+    pairs = list(prepared.eval_pairs or [])[: ev.get("max_samples", schema_default("evaluation.max_samples"))]
     prompts = [p for p, _ in pairs]
     refs = [r for _, r in pairs]
     loader = _eval_dataloader(prepared, recipe) if any(m.requires == "loss" for _, m in metrics) else None
     has_adapter = hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
     if compare_base is None:
-        compare_base = ev.get("compare_base", True)
+        compare_base = ev.get("compare_base", schema_default("evaluation.compare_base"))
     out: dict[str, Any] = {}
     preds_ft: list[str] | None = None
     preds_base: list[str] | None = None
@@ -431,7 +431,8 @@ def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir,
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / "generations.jsonl",
                           "".join(json.dumps(s, ensure_ascii=False) + "\n" for s in samples))
-    keep = (recipe.get("evaluation") or {}).get("num_examples_in_report", 5)
+    keep = (recipe.get("evaluation") or {}).get("num_examples_in_report",
+                                                schema_default("evaluation.num_examples_in_report"))
     out["samples"] = samples[:keep]
     return out
 

@@ -43,6 +43,12 @@ def ftk_register_trainers(register):
     """Register training methods: ``factory(options, ctx) -> ftk.components.TrainerPlan``."""
 
 
+@hookspec
+def ftk_register_callbacks(register):
+    """Register run callbacks a recipe switches on in its ``callbacks`` section:
+    ``factory(options, ctx) -> list[transformers.TrainerCallback]`` (``ctx``: ``ftk.components.TrainerContext``)."""
+
+
 @hookspec(firstresult=True)
 def ftk_adapter_targets(model_type, preset):
     """Return the module names an adapter targets for ``preset`` on ``model_type``, or None.
@@ -60,4 +66,5 @@ def ftk_register_commands(cli):
 
 @hookspec
 def ftk_trainer_callbacks(recipe, output_dir):
-    """Return a list of ``transformers.TrainerCallback`` objects to attach to a run (or None)."""
+    """Return a list of ``transformers.TrainerCallback`` objects to attach to a run (or None). The older,
+    always-on way: called for every run; ``ftk_register_callbacks`` components are chosen per recipe."""

@@ -47,6 +47,11 @@ class Component:
     def key(self) -> str:
         return f"{self.kind}:{self.name}"
 
+    @property
+    def qualified(self) -> str:
+        """``DISTRIBUTION/NAME``: the name that always picks this component, whatever else is installed."""
+        return f"{self.package}/{self.name}"
+
 
 @dataclass
 class PluginRecord:
@@ -78,6 +83,8 @@ class FtkPluginManager:
         self.records: dict[str, PluginRecord] = {}
         self._components: dict[str, dict[str, Component]] | None = None
         self._duplicates: dict[str, list[Component]] = {}
+        self._all: dict[str, dict[str, Component]] = {}  # kind -> qualified name -> component
+        self._noted: set[str] = set()  # ambiguous bare names already explained on stderr
         if os.environ.get("FTK_TRACE_PLUGINS"):
             self._enable_trace()
         if load_entrypoints:
@@ -88,32 +95,31 @@ class FtkPluginManager:
         only = _env_set("FTK_LOAD_PLUGINS")
         blocked = _env_set("FTK_BLOCK_PLUGINS")
         seen: set[str] = set()
-        for dist in md.distributions():
+        # ftk's own distribution first, so that its entry points keep their bare record names whatever the
+        # install order; a third party's entry point of the same name is kept as ``DISTRIBUTION/NAME``
+        for dist in sorted(md.distributions(), key=lambda d: _dist_name(d) != GROUP):
             try:
                 eps = [ep for ep in dist.entry_points if ep.group == GROUP]
             except Exception:  # a broken distribution's metadata must not take the CLI down
                 continue
-            pkg = dist.metadata["Name"] or "?"
+            pkg = _dist_name(dist)
             for ep in eps:
                 if (pkg, ep.name) in seen:  # the same distribution visible twice on sys.path
                     continue
                 seen.add((pkg, ep.name))
-                if only is not None and ep.name not in only:
+                names = {ep.name, f"{pkg}/{ep.name}"}
+                if only is not None and not names & only:
                     continue
-                if ep.name in blocked:
+                if names & blocked:
                     continue
                 self._load_one(ep, pkg, dist.version or "?")
 
     def _load_one(self, ep, package: str, version: str) -> None:
-        rec = PluginRecord(name=ep.name, package=package, version=version, module=ep.value)
-        if ep.name in self.records:
-            other = self.records[ep.name]
-            rec.status, rec.error = "error", (
-                f"plugin name {ep.name!r} is already used by package {other.package!r}"
-            )
-            self.records[f"{ep.name} ({package})"] = rec
-            return
-        self.records[ep.name] = rec
+        # an entry-point name another distribution already took: both load, this one keyed by its
+        # qualified name so that neither replaces the other
+        name = ep.name if ep.name not in self.records else f"{package}/{ep.name}"
+        rec = PluginRecord(name=name, package=package, version=version, module=ep.value)
+        self.records[name] = rec
         try:
             obj = ep.load()
         except BaseException as e:  # noqa: BLE001 - any import failure is recorded, not raised
@@ -149,7 +155,7 @@ class FtkPluginManager:
 
     # -- registry ------------------------------------------------------------------------------
     def _build(self) -> None:
-        comps: dict[str, dict[str, Component]] = {k: {} for k in KINDS}
+        comps: dict[str, dict[str, Component]] = {k: {} for k in KINDS}  # kind -> qualified name -> component
         dups: dict[str, list[Component]] = {}
         for rec in self.records.values():
             if rec.status == "ok":
@@ -187,23 +193,57 @@ class FtkPluginManager:
                     rec.provides = []
                     continue
                 for c in pending:
-                    if c.name in comps[kind]:
-                        dups.setdefault(c.key, [comps[kind][c.name]]).append(c)
-                        rec.provides.append(c.key)
-                        continue
-                    comps[kind][c.name] = c
-                    rec.provides.append(c.key)
+                    if c.qualified in comps[kind]:  # one distribution registering a name twice
+                        dups.setdefault(f"{kind}:{c.qualified}", [comps[kind][c.qualified]]).append(c)
+                    else:
+                        comps[kind][c.qualified] = c
         # a plugin that errored after registering some components provides nothing
         for kind in KINDS:
             for n, c in list(comps[kind].items()):
                 if self.records[c.plugin].status != "ok":
                     del comps[kind][n]
-        self._components, self._duplicates = comps, dups
+        self._all, self._duplicates = comps, dups
+        self._components = {kind: {} for kind in KINDS}
+        for kind in KINDS:
+            for q, c in comps[kind].items():
+                bare = self._by_bare_name(kind, c.name)
+                ok = bare is c  # the bare name picks this one
+                self._components[kind][c.name if ok else q] = c
+                if self.records[c.plugin].status == "ok":
+                    self.records[c.plugin].provides.append(c.key if ok else f"{kind}:{q}")
+        for key, same in dups.items():  # the later registrations of a doubly registered name
+            for c in same[1:]:
+                if self.records[c.plugin].status == "ok":
+                    self.records[c.plugin].provides.append(key)
+
+    def _by_bare_name(self, kind: str, name: str) -> Component | None:
+        """What a bare name resolves to: the one component of that name, or the built-in (distribution
+        ``ftk``) among several; None when it is unknown or ambiguous between third parties."""
+        same = [c for c in self._all[kind].values() if c.name == name]
+        if len(same) > 1:
+            same = [c for c in same if c.package == GROUP]
+        return same[0] if len(same) == 1 else None
 
     def components(self, kind: str) -> dict[str, Component]:
+        """The names a recipe can use for ``kind``: the bare name of each component a bare name picks, the
+        qualified ``DISTRIBUTION/NAME`` of the others (shadowed by a built-in, or ambiguous)."""
         if self._components is None:
             self._build()
         return self._components[kind]
+
+    def all_components(self, kind: str) -> dict[str, Component]:
+        """Every working component of ``kind``, keyed by its qualified name ``DISTRIBUTION/NAME``."""
+        if self._components is None:
+            self._build()
+        return self._all[kind]
+
+    def ambiguous(self) -> dict[str, list[Component]]:
+        """``kind:name`` -> the components of different distributions sharing that bare name."""
+        out: dict[str, list[Component]] = {}
+        for kind in KINDS:
+            for c in self.all_components(kind).values():
+                out.setdefault(c.key, []).append(c)
+        return {k: sorted(v, key=lambda c: (c.package != GROUP, c.qualified)) for k, v in out.items() if len(v) > 1}
 
     def duplicates(self) -> dict[str, list[Component]]:
         if self._components is None:
@@ -213,13 +253,28 @@ class FtkPluginManager:
     def get(self, kind: str, name: str) -> Component:
         """The component a recipe chose, or a PluginError naming what went wrong."""
         comps = self.components(kind)
-        dup = self._duplicates.get(f"{kind}:{name}")
+        everything = self._all[kind]
+        qualified = name if "/" in name else None
+        if qualified is None:
+            same = [c for c in everything.values() if c.name == name]
+            picked = self._by_bare_name(kind, name)
+            if picked is None and same:
+                raise PluginError(f"{kind} {name!r} is provided by several plugin packages; name one: "
+                                  + ", ".join(repr(c.qualified) for c in same))
+            if picked is not None:
+                qualified = picked.qualified
+                others = [c.qualified for c in same if c is not picked]
+                if others and f"{kind}:{name}" not in self._noted:
+                    self._noted.add(f"{kind}:{name}")
+                    print(f"note: {kind} {name!r} is the built-in one (package ftk); also installed: "
+                          f"{', '.join(repr(o) for o in others)} (write that name to use it)", file=sys.stderr)
+        dup = self._duplicates.get(f"{kind}:{qualified}")
         if dup:
             who = " and ".join(f"plugin {c.plugin!r} (package {c.package})" for c in dup)
             raise PluginError(f"{kind} {name!r} is registered by more than one plugin: {who}; "
                               f"block one with FTK_BLOCK_PLUGINS")
-        if name in comps:
-            return comps[name]
+        if qualified in everything:
+            return everything[qualified]
         broken = [r for r in self.records.values() if r.status == "error"]
         msg = f"unknown {kind} {name!r}; available: {', '.join(sorted(comps)) or '(none)'}"
         close = difflib.get_close_matches(name, list(comps), n=1)
@@ -316,9 +371,28 @@ class FtkPluginManager:
                 res = impl.function(*[kwargs[a] for a in impl.argnames])
                 cbs = [cb() if isinstance(cb, type) else cb for cb in (res or [])]
             out.extend(self._attributed_callback(rec, cb) for cb in cbs)
+        return out + self.recipe_callbacks(recipe, output_dir)
+
+    def recipe_callbacks(self, recipe: dict, output_dir: str) -> list:
+        """The callbacks of the ``callback`` components the recipe's ``callbacks`` section switches on (an
+        entry with ``"enabled": false`` is left out); only those are built. The factory and every ``on_*``
+        method run with the component's failure attribution."""
+        from ftk.components import TrainerContext
+
+        out = []
+        for entry in recipe.get("callbacks") or []:
+            if not isinstance(entry, dict) or entry.get("enabled", True) is False:
+                continue
+            comp = self.get("callback", entry["name"])
+            options = {k: v for k, v in entry.items() if k not in ("name", "enabled")}
+            self._trace("callback factory", comp.qualified)
+            with self.calling(comp, "creating trainer callbacks"):
+                res = comp.factory(options, TrainerContext(recipe=recipe, output_dir=output_dir))
+                cbs = [cb() if isinstance(cb, type) else cb for cb in (res or [])]
+            out.extend(self._attributed_callback(comp, cb) for cb in cbs)
         return out
 
-    def _attributed_callback(self, rec: PluginRecord, cb):
+    def _attributed_callback(self, rec: PluginRecord | Component, cb):
         """The same callback object, its ``on_*`` methods wrapped so that an exception names the plugin."""
         for event in [n for n in dir(type(cb)) if n.startswith("on_")]:
             fn = getattr(cb, event, None)
@@ -440,6 +514,13 @@ def _wrap_command(cmd, wrap: Callable) -> None:
         cmd.callback = wrap(cmd.callback, cmd.name)
     for sub in (getattr(cmd, "commands", None) or {}).values():
         _wrap_command(sub, wrap)
+
+
+def _dist_name(dist) -> str:
+    try:
+        return dist.metadata["Name"] or "?"
+    except Exception:  # a broken distribution's metadata must not take the CLI down
+        return "?"
 
 
 def _env_set(var: str) -> set[str] | None:

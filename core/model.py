@@ -6,6 +6,7 @@ import copy
 import os
 from pathlib import Path
 
+from ftk.defaults import schema_default
 from ftk.errors import FtkError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -49,7 +50,8 @@ def resolve_precision(requested: str) -> str:
 def gradient_checkpointing_on(recipe: dict, cuda: bool | None = None) -> bool:
     """model.gradient_checkpointing resolved: "auto" is on when training on a CUDA GPU, where memory is
     what limits QLoRA, and off on the CPU, where RAM is plentiful and compute is not."""
-    value = (recipe.get("model") or {}).get("gradient_checkpointing", "auto")
+    value = (recipe.get("model") or {}).get("gradient_checkpointing",
+                                                schema_default("model.gradient_checkpointing"))
     if value != "auto":
         return bool(value)
     if cuda is None:
@@ -147,8 +149,8 @@ def load_base(recipe: dict, plan=None, precision: str = "fp32"):
     from transformers import AutoModelForCausalLM
 
     m = recipe["model"]
-    _check_attn(m.get("attn_implementation", "sdpa"))
-    kwargs = dict(_hub_kwargs(m), attn_implementation=m.get("attn_implementation", "sdpa"),
+    _check_attn(m["attn_implementation"])
+    kwargs = dict(_hub_kwargs(m), attn_implementation=m["attn_implementation"],
                   dtype=_torch_dtype(precision))
     if not m.get("allow_pickle"):
         kwargs["use_safetensors"] = True
@@ -172,7 +174,7 @@ def model_context(recipe: dict, manager, config=None):
     from ftk.components import ModelContext
 
     config = config if config is not None else _load_config(recipe["model"])
-    precision = resolve_precision((recipe.get("training") or {}).get("precision", "auto"))
+    precision = resolve_precision(recipe["training"]["precision"])
     ctx_recipe = copy.deepcopy(dict(recipe))
     ctx_recipe.setdefault("training", {})["precision"] = precision
     ctx = ModelContext(model_config=config, recipe=ctx_recipe,
@@ -228,7 +230,7 @@ def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
         # frozen embeddings give checkpointed blocks inputs without grad: the "does not require grad" trap
         model.enable_input_require_grads()
     # the adapter's random init must not depend on what ran before (resume must rebuild the same model)
-    transformers.set_seed(int((recipe.get("training") or {}).get("seed", 42)))
+    transformers.set_seed(int(recipe["training"]["seed"]))
     aopts = dict(recipe.get("adapter") or {"method": "lora"})
     amethod = aopts.pop("method")
     comp = manager.get("adapter", amethod)

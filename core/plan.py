@@ -61,7 +61,9 @@ def _get(cfg, key):
 
 
 def _targets(recipe: dict) -> list[str]:
-    t = recipe.get("adapter", {}).get("target_modules", ["q_proj", "v_proj"])
+    # the activation model's per-target terms follow LoRA-style options where an adapter has them; an
+    # adapter without target_modules/r/dropout adds no per-target activations here
+    t = recipe["adapter"]["target_modules"] if "target_modules" in recipe["adapter"] else []
     if t == "all-linear":
         return list(_LINEAR_NAMES)
     if t == "default":
@@ -70,7 +72,7 @@ def _targets(recipe: dict) -> list[str]:
 
 
 def _compute_bytes(recipe: dict, cuda: bool) -> int:
-    prec = recipe.get("training", {}).get("precision", "auto")
+    prec = recipe["training"]["precision"]
     if prec == "auto":
         return 2  # bf16 where fast (GPUs with bf16, CPUs with AMX); fp32 otherwise is a 2x upper bound
     return _DTYPE_BYTES.get(prec, 4)
@@ -81,7 +83,9 @@ def _filled(recipe: dict, manager) -> dict:
     the chosen quantizer's and adapter's own."""
     from ftk.recipe import _COMPONENT_SLOTS, base_schema, fill_defaults
 
-    out = fill_defaults(copy.deepcopy(dict(recipe)), base_schema())
+    out = copy.deepcopy(dict(recipe))
+    out.setdefault("data", {})  # required in a recipe; a partial one here still gets data.max_length's default
+    out = fill_defaults(out, base_schema())
     for path, key, kind in _COMPONENT_SLOTS:
         section = out
         for part in path:
@@ -150,9 +154,8 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     recipe = _filled(recipe, manager)
     sizes = declared_sizes(config, recipe, manager)
     s = Shape.from_config(config)
-    r = int(recipe.get("adapter", {}).get("r", 8))
-    data, tr = recipe.get("data", {}), recipe.get("training", {})
-    tokens = int(tr.get("batch_size", 4)) * int(data.get("max_length", 512))
+    r = int(recipe["adapter"]["r"]) if "r" in recipe["adapter"] else 0
+    tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"])
     d = _compute_bytes(recipe, cuda)
     store = 2 if d == 2 else 4  # unquantized parameters are kept in the compute dtype
 
@@ -169,7 +172,7 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     lora_params = sizes["trainable"]
     lora = _times(lora_params, 4)  # adapters train in fp32
     grads = _times(lora_params, 4)
-    opt = recipe.get("training", {}).get("optimizer", "paged_adamw_32bit")
+    opt = recipe["training"]["optimizer"]
     optimizer = _times(lora_params, 2 if "8bit" in opt else (0 if opt == "sgd" else 8))
 
     h, i, kv = s.hidden, s.intermediate, s.hidden // s.heads * s.kv_heads
@@ -185,7 +188,7 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
         # attention q, k, v and output; the MLP gate, up and SiLU(gate). 156 KB per token per layer for
         # LLaMA-7B against 151 KB measured (H200, eager; saved-tensor tally of bench/gpu_bench.py).
         lora_in = sum(shapes[t][0] for t in targets)
-        dropout = float((recipe.get("adapter") or {}).get("dropout", 0.05)) > 0
+        dropout = "dropout" in recipe["adapter"] and float(recipe["adapter"]["dropout"]) > 0
         per_layer_tok = (2 * 4 * h + ((d + 1) * lora_in if dropout else d * h) + d * r * len(targets)
                          + d * (2 * h + 2 * kv) + 3 * d * i)
     ckpt = gradient_checkpointing_on(recipe, cuda)
@@ -225,13 +228,13 @@ def plan(recipe: dict, manager, with_data: bool = True) -> dict:
 
     m = recipe["model"]
     cfg = AutoConfig.from_pretrained(m["name"], revision=m.get("revision"), cache_dir=m.get("cache_dir"),
-                                     trust_remote_code=m.get("trust_remote_code", False))
+                                     trust_remote_code=m["trust_remote_code"])
     import torch
 
     from ftk.model import resolve_precision
 
     concrete = copy.deepcopy(dict(recipe))  # "auto" precision as this machine would run it
-    concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"].get("precision", "auto"))
+    concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"]["precision"])
     out = estimate_memory(cfg, concrete, cuda=torch.cuda.is_available(), manager=manager)
     if with_data:
         from ftk import data as data_mod

@@ -8,7 +8,6 @@ import difflib
 import json
 import os
 import re
-from importlib import resources
 from pathlib import Path
 from typing import Any
 
@@ -25,8 +24,9 @@ _COMPONENT_SLOTS = (
 
 
 def base_schema() -> dict:
-    text = resources.files("ftk.schemas").joinpath("recipe.schema.json").read_text(encoding="utf-8")
-    return json.loads(text)
+    from ftk.defaults import base_schema as schema
+
+    return schema()
 
 
 # -- loading --------------------------------------------------------------------------------------
@@ -170,6 +170,11 @@ def _slots(recipe: dict, schema: dict):
         for i, m in enumerate(ev["metrics"]):
             if isinstance(m, dict):
                 yield ("evaluation", "metrics", i), m, "name", "metric", common
+    if isinstance(recipe.get("callbacks"), list):
+        common = props["callbacks"]["items"]
+        for i, cb in enumerate(recipe["callbacks"]):
+            if isinstance(cb, dict):
+                yield ("callbacks", i), cb, "name", "callback", common
 
 
 def validate_recipe(recipe: Any, manager=None) -> list[str]:
@@ -447,7 +452,8 @@ def composed_schema(manager=None) -> dict:
         ]
         slot = copy.deepcopy(common)
         slot.setdefault("properties", {})[key] = {**slot.get("properties", {}).get(key, {}), "enum": names}
-        slot["allOf"] = branches
+        if branches:  # an empty allOf is not valid JSON Schema (no callback installed, say)
+            slot["allOf"] = branches
         return slot
 
     props["model"]["properties"]["quantization"] = variants(
@@ -457,6 +463,7 @@ def composed_schema(manager=None) -> dict:
     items = props["data"]["properties"]["datasets"]["items"]
     props["data"]["properties"]["datasets"]["items"] = variants("dataset", items, "loader")
     metric_obj = variants("metric", {"type": "object", "required": ["name"], "properties": {"name": {"type": "string"}}}, "name")
+    props["callbacks"]["items"] = variants("callback", props["callbacks"]["items"], "name")
     props["evaluation"]["properties"]["metrics"]["items"] = {
         "anyOf": [{"enum": sorted(manager.components("metric"))}, metric_obj]}
     return schema

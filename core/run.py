@@ -218,6 +218,7 @@ def _used_components(recipe: dict, manager):
              manager.get("trainer", train_mod.trainer_section(recipe)["method"])]
     comps += [manager.get("dataset", d["loader"]) for d in recipe["data"]["datasets"]]
     comps += [manager.get("metric", m["name"]) for m in recipe["evaluation"]["metrics"]]
+    comps += [manager.get("callback", c["name"]) for c in recipe.get("callbacks") or [] if c.get("enabled", True)]
     return comps
 
 

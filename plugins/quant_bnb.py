@@ -141,7 +141,7 @@ def plan(options, ctx, *, method: str):
     if four_bit:
         cdt = options.get("compute_dtype", "auto")
         if cdt == "auto":
-            prec = (ctx.recipe.get("training") or {}).get("precision", "fp32")
+            prec = (ctx.recipe.get("training") or {}).get("precision", "auto")
             cdt = {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
                                  bnb_4bit_use_double_quant=bool(options.get("nested", True)),

@@ -111,6 +111,24 @@ def check_ftk_register_trainers(mgr, rec, tmp_path):
     assert plan.compute_loss(None, lambda **kw: out, {}, return_outputs=True)[1] is out
 
 
+def check_ftk_register_callbacks(mgr, rec, tmp_path):
+    from transformers import TrainerCallback, TrainerControl, TrainerState
+
+    from ftk.recipe import load_recipe
+
+    assert rec.provides == ["callback:loss_printer"]
+    assert mgr.trainer_callbacks({"training": {}}, str(tmp_path)) == []  # not named: not attached
+    raw = {"model": {"name": "not-loaded"}, "data": {"datasets": [{"loader": "custom", "path": "x"}]},
+           "callbacks": [{"name": "loss_printer"}]}
+    recipe = load_recipe(data=raw, manager=mgr, base_dir=tmp_path)
+    assert recipe["callbacks"] == [{"name": "loss_printer", "enabled": True, "every": 1}]  # defaults
+    cbs = mgr.trainer_callbacks(recipe, str(tmp_path))
+    assert len(cbs) == 1 and isinstance(cbs[0], TrainerCallback)
+    state = TrainerState()
+    state.global_step = 3
+    cbs[0].on_log(None, state, TrainerControl(), logs={"loss": 1.5})  # runs without error
+
+
 def check_ftk_adapter_targets(mgr, rec, tmp_path):
     assert mgr.adapter_targets("gpt_neox", "default") == ["query_key_value"]
     assert mgr.adapter_targets("gpt_neox", "all-linear")[0] == "query_key_value"

@@ -145,25 +145,29 @@ def ftk_register_metrics(register):
     assert "half" not in mgr.components("metric")  # nothing half-registered survives
 
 
-def test_duplicate_component_names_name_both_plugins(fake_dists):
+def test_same_component_name_as_a_builtin_never_shadows_it(fake_dists, capsys):
     dup = GOOD.replace("fakeset", "alpaca").replace("fakemetric", "bleu")
     fake_dists("ftk-dup", "0.2", {"ftk_fake_dup": dup}, {"dup": "ftk_fake_dup"})
     mgr = FtkPluginManager()
-    assert "dataset:alpaca" in mgr.duplicates()
-    with pytest.raises(PluginError) as e:
-        mgr.get("dataset", "alpaca")
-    msg = str(e.value)
-    assert "'alpaca'" in msg and "(package ftk)" in msg and "(package ftk-dup)" in msg
+    assert mgr.duplicates() == {}  # not a conflict: each keeps its qualified name
+    assert "dataset:alpaca" in mgr.ambiguous()
+    assert mgr.get("dataset", "alpaca").package == "ftk"  # the bare name picks the built-in, with a note
+    assert "'ftk-dup/alpaca'" in capsys.readouterr().err
+    assert mgr.get("dataset", "ftk-dup/alpaca").package == "ftk-dup"
+    assert mgr.get("dataset", "ftk/alpaca").package == "ftk"
+    assert "dataset:ftk-dup/alpaca" in mgr.records["dup"].provides
     # components nobody else claims keep working
     assert mgr.get("dataset", "dailydialog").package == "ftk"
 
 
-def test_duplicate_entry_point_name_is_an_error(fake_dists):
+def test_same_entry_point_name_loads_both(fake_dists):
     fake_dists("ftk-samename", "0.1", {"ftk_fake_good": GOOD}, {"alpaca": "ftk_fake_good"})
     mgr = FtkPluginManager()
-    errs = [r for r in mgr.plugin_list() if r.status == "error"]
-    assert any("already used by package 'ftk'" in r.error for r in errs)
     assert mgr.records["alpaca"].package == "ftk"
+    mgr.plugin_list()
+    other = mgr.records["ftk-samename/alpaca"]
+    assert other.status == "ok" and "dataset:fakeset" in other.provides
+    assert mgr.get("dataset", "alpaca").package == "ftk"
 
 
 def test_load_and_block_env(monkeypatch):

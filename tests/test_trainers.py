@@ -141,6 +141,14 @@ def test_data_form_is_checked_before_any_data(fresh_manager, tmp_path):
                                        r"ftk-scaled\) trains on 'pairs' data, which this ftk cannot prepare "
                                        r"\(it prepares: rows\)"):
         T.trainer_plan(r, mgr, str(tmp_path / "out"))
+    # ftk validate asks the trainer too: a recipe it accepts can be prepared
+    from click.testing import CliRunner
+
+    from ftk.cli import cli
+
+    (tmp_path / "r.json").write_text(json.dumps(raw_recipe(tmp_path / "out", trainer={"method": "scaled"})))
+    res = CliRunner().invoke(cli, ["validate", str(tmp_path / "r.json")], obj={"manager": mgr})
+    assert res.exit_code != 0 and "trains on 'pairs' data" in str(res.exception)
 
 
 def test_trainer_kwargs_cannot_replace_what_ftk_sets(fresh_manager, tmp_path):
