@@ -13,17 +13,31 @@ PRECISIONS = ("bf16", "fp16", "fp32")
 
 
 # -- precision ------------------------------------------------------------------------------------
-def cpu_has_fast_bf16() -> bool:
-    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
+# the CPU features that change which kernels run (bf16 speed, bitsandbytes' CPU paths)
+CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
+
+
+def cpu_info() -> dict:
+    """{"model": the CPU's model name, "features": which of CPU_FEATURES it has} from /proc/cpuinfo."""
+    info: dict = {"model": None, "features": []}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
-                if line.startswith("flags"):
-                    flags = set(line.split(":", 1)[1].split())
-                    return bool(flags & {"amx_bf16", "avx512_bf16"})
+                key, _, value = line.partition(":")
+                if key.strip() == "model name" and info["model"] is None:
+                    info["model"] = value.strip()
+                elif key.strip() == "flags":
+                    flags = set(value.split())
+                    info["features"] = [x for x in CPU_FEATURES if x in flags]
+                    break
     except OSError:
         pass
-    return False
+    return info
+
+
+def cpu_has_fast_bf16() -> bool:
+    """True when the CPU has bf16 matrix instructions (AMX or AVX512-BF16); emulated bf16 is slower than fp32."""
+    return bool({"amx_bf16", "avx512_bf16"} & set(cpu_info()["features"]))
 
 
 def resolve_precision(requested: str) -> str:

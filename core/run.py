@@ -65,7 +65,11 @@ def environment_info() -> dict:
             vers[pkg] = md.version(pkg)
         except md.PackageNotFoundError:
             vers[pkg] = None
-    hw = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count()}
+    from ftk.model import cpu_info
+
+    # the CPU's features decide kernels and precision ("auto"): every recorded figure needs them
+    hw = {"platform": platform.platform(), "python": sys.version.split()[0], "cpus": os.cpu_count(),
+          "cpu": cpu_info()}
     try:
         import torch
 

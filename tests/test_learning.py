@@ -259,7 +259,13 @@ def test_a_completed_run_says_so(tmp_path):
         main(["run", str(tmp_path / "r.json")])
     assert e.value.code == 0
     out = tmp_path / "out"
-    assert json.loads((out / "manifest.json").read_text())["status"] == "completed"
+    manifest = json.loads((out / "manifest.json").read_text())
+    assert manifest["status"] == "completed"
+    # which CPU path ran is on record (bf16 speed and bitsandbytes' kernels depend on these flags)
+    from ftk.model import CPU_FEATURES
+
+    flags = set(open("/proc/cpuinfo").read().split())
+    assert manifest["hardware"]["cpu"]["features"] == [f for f in CPU_FEATURES if f in flags]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["finetuned"]["perplexity"] < metrics["base"]["perplexity"]
     assert "Warning" not in (out / "report.md").read_text()
