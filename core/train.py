@@ -467,7 +467,6 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         with dynamo_settings(recipe, compiled):
             result = trainer.train(resume_from_checkpoint=ckpt)
     except KeyboardInterrupt:
-        uncompile_layers(compiled)
         step = trainer.state.global_step
         saved = _last_checkpoint(Path(args.output_dir))
         if step > 0 and (saved is None or not saved.endswith(f"-{step}")):
@@ -478,10 +477,8 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
             raise RunError(f"interrupted at step {step}; checkpoint saved in {saved}; continue with "
                            f"`ftk run RECIPE --resume` (output_dir {where})") from None
         raise RunError(f"interrupted at step {step} before any optimizer step; nothing to resume") from None
-    except BaseException:
-        uncompile_layers(compiled)  # a notebook keeps a usable model
-        raise
-    uncompile_layers(compiled)
+    finally:
+        uncompile_layers(compiled)  # eager again for evaluation and generation, and when a run stops
     if guard.unchanged(trainer.state):
         raise RunError(f"training changed nothing: after {trainer.state.global_step - guard.start_step} optimizer "
                        f"step(s) every trainable weight is bit-identical to where it started; check "
