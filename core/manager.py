@@ -325,12 +325,8 @@ class FtkPluginManager:
     def iterate(self, who: Component | PluginRecord, phase: str, iterable):
         """Iterate over what plugin code yields (a loader's lazy examples) with :meth:`calling`'s
         attribution for exceptions raised while producing the items."""
-        try:
+        with self.calling(who, phase):
             yield from iterable
-        except FtkError:
-            raise
-        except Exception as e:
-            raise _failure(who, phase, None, e) from e
 
     def _hookimpls(self, hookname: str, warn_broken: str | None = None):
         """(record, impl) of every working plugin implementing ``hookname``, in pluggy's call order (last
@@ -367,10 +363,7 @@ class FtkPluginManager:
         out = []
         for rec, impl in self._hookimpls("ftk_trainer_callbacks", "its trainer callbacks are not attached"):
             self._trace("ftk_trainer_callbacks", rec.name)
-            with self.calling(rec, "creating trainer callbacks"):
-                res = impl.function(*[kwargs[a] for a in impl.argnames])
-                cbs = [cb() if isinstance(cb, type) else cb for cb in (res or [])]
-            out.extend(self._attributed_callback(rec, cb) for cb in cbs)
+            out += self._built_callbacks(rec, lambda: impl.function(*[kwargs[a] for a in impl.argnames]))
         return out + self.recipe_callbacks(recipe, output_dir)
 
     def recipe_callbacks(self, recipe: dict, output_dir: str) -> list:
@@ -386,11 +379,15 @@ class FtkPluginManager:
             comp = self.get("callback", entry["name"])
             options = {k: v for k, v in entry.items() if k not in ("name", "enabled")}
             self._trace("callback factory", comp.qualified)
-            with self.calling(comp, "creating trainer callbacks"):
-                res = comp.factory(options, TrainerContext(recipe=recipe, output_dir=output_dir))
-                cbs = [cb() if isinstance(cb, type) else cb for cb in (res or [])]
-            out.extend(self._attributed_callback(comp, cb) for cb in cbs)
+            out += self._built_callbacks(
+                comp, lambda: comp.factory(options, TrainerContext(recipe=recipe, output_dir=output_dir)))
         return out
+
+    def _built_callbacks(self, who: PluginRecord | Component, make: Callable[[], Any]) -> list:
+        """``make()``'s callbacks (a class is instantiated), built and later run with ``who``'s attribution."""
+        with self.calling(who, "creating trainer callbacks"):
+            cbs = [cb() if isinstance(cb, type) else cb for cb in (make() or [])]
+        return [self._attributed_callback(who, cb) for cb in cbs]
 
     def _attributed_callback(self, rec: PluginRecord | Component, cb):
         """The same callback object, its ``on_*`` methods wrapped so that an exception names the plugin."""
