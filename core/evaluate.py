@@ -213,6 +213,16 @@ def _metric_specs(recipe: dict) -> list[dict]:
     return [{"name": s} if isinstance(s, str) else dict(s) for s in specs]
 
 
+def _known_metrics(recipe: dict, manager):
+    """(index, spec, component) of the recipe's metric entries whose name resolves; an unknown name is
+    validate_recipe's error, not the declarations'."""
+    for i, spec in enumerate(_metric_specs(recipe)):
+        try:
+            yield i, spec, manager.get("metric", spec.get("name"))
+        except (FtkError, TypeError):
+            continue
+
+
 def _declared_keys(manager, comp, spec: dict) -> list[str] | None:
     """The keys a metric entry declares (None: undeclared); ``keys(options)`` gets the options as the
     factory does (defaults filled, even for a recipe that did not go through ``load_recipe``)."""
@@ -233,12 +243,8 @@ def check_metrics(recipe: dict, manager) -> list[str]:
     each, naming the entries' JSON paths. Undeclared keys are checked when reported (``_merge``)."""
     errors: list[str] = []
     owners: dict[str, tuple[str, str]] = {}  # key -> (JSON path, metric name) of the first entry declaring it
-    for i, spec in enumerate(_metric_specs(recipe)):
+    for i, spec, comp in _known_metrics(recipe, manager):
         path, name = f"evaluation.metrics[{i}]", spec.get("name")
-        try:
-            comp = manager.get("metric", name)
-        except (FtkError, TypeError):
-            continue  # an unknown metric is validate_recipe's error
         info = comp.info
         if info is not None and info.requires is not None and info.requires not in METRIC_INPUTS:
             errors.append(f"{path}: metric {name!r} (plugin {comp.plugin}) requires {info.requires!r}, which this "
@@ -266,11 +272,7 @@ def metric_directions(recipe: dict, manager=None) -> dict[str, bool]:
 
         manager = get_manager()
     out: dict[str, bool] = {}
-    for spec in _metric_specs(recipe):
-        try:
-            comp = manager.get("metric", spec.get("name"))
-        except (FtkError, TypeError):
-            continue
+    for _, spec, comp in _known_metrics(recipe, manager):
         if comp.info is None:
             continue
         hib = comp.info.higher_is_better
