@@ -81,17 +81,13 @@ def _compute_bytes(recipe: dict, cuda: bool) -> int:
 def _filled(recipe: dict, manager) -> dict:
     """A copy of a (possibly partial) recipe with the defaults ``ftk.recipe`` fills: the base schema's and
     the chosen quantizer's and adapter's own."""
-    from ftk.recipe import _COMPONENT_SLOTS, base_schema, fill_defaults
+    from ftk.recipe import _component_schemas, base_schema, fill_defaults
 
     out = copy.deepcopy(dict(recipe))
     out.setdefault("data", {})  # required in a recipe; a partial one here still gets data.max_length's default
     out = fill_defaults(out, base_schema())
-    for path, key, kind in _COMPONENT_SLOTS:
-        section = out
-        for part in path:
-            section = section.get(part) or {}
-        if kind in ("quantizer", "adapter") and key in section:
-            fill_defaults(section, manager.get(kind, section[key]).options_schema)
+    for _, obj, merged in _component_schemas(out, manager):  # each component's defaults, as load_recipe fills them
+        fill_defaults(obj, merged)
     return out
 
 
