@@ -322,6 +322,14 @@ class FtkPluginManager:
 
         return attributed
 
+    def wrap_fields(self, who: Component | PluginRecord, obj: Any, phases: dict[str, str]) -> None:
+        """Each callable ``obj.<field>`` named in ``phases`` replaced by :meth:`wrap` of it with that phase:
+        the plugin code a returned plan holds names its plugin when it raises later."""
+        for name, phase in phases.items():
+            fn = getattr(obj, name, None)
+            if fn is not None:
+                setattr(obj, name, self.wrap(who, phase, fn))
+
     def iterate(self, who: Component | PluginRecord, phase: str, iterable):
         """Iterate over what plugin code yields (a loader's lazy examples) with :meth:`calling`'s
         attribution for exceptions raised while producing the items."""

@@ -204,10 +204,9 @@ def quantization_plan(recipe: dict, manager, ctx):
     with manager.calling(comp, "planning quantization"):
         plan = comp.factory(qopts, ctx)
     # what the plan holds is plugin code too: an exception it raises names the quantizer
-    for attr, phase in (("after_load", "preparing the loaded model"), ("quantizes", "estimating memory"),
-                        ("count_quantized", "counting quantized layers"), ("weights_in", "counting parameters")):
-        if getattr(plan, attr, None) is not None:
-            setattr(plan, attr, manager.wrap(comp, phase, getattr(plan, attr)))
+    manager.wrap_fields(comp, plan, {"after_load": "preparing the loaded model", "quantizes": "estimating memory",
+                                     "count_quantized": "counting quantized layers",
+                                     "weights_in": "counting parameters"})
     return qmethod, plan
 
 

@@ -174,11 +174,8 @@ def trainer_plan(recipe: dict, manager, output_dir: str):
     if not isinstance(plan, TrainerPlan):
         raise PluginError(f"{who}: its factory returned {type(plan).__name__}, not ftk.components.TrainerPlan")
     # the plan's own code runs later, inside training: its failures name the plugin too
-    for field_name, phase in (("trainer_class", "building its Trainer class"), ("compute_loss", "computing the loss"),
-                              ("training_arguments", "setting training arguments")):
-        fn = getattr(plan, field_name)
-        if fn is not None:
-            setattr(plan, field_name, manager.wrap(comp, phase, fn))
+    manager.wrap_fields(comp, plan, {"trainer_class": "building its Trainer class", "compute_loss": "computing the loss",
+                                     "training_arguments": "setting training arguments"})
     if plan.data not in DATA_FORMS:
         raise FtkError(f"trainer.method: {who} trains on {plan.data!r} data, which this ftk cannot prepare "
                        f"(it prepares: {', '.join(DATA_FORMS)})")
