@@ -107,9 +107,14 @@ class AdapterInfo:
       ``options``: the ``adapter`` section without ``method``, defaults filled; ``linears``:
       ``{module name: (in_features, out_features)}`` of the decoder's linear layers as ``ftk plan``
       models them; ``ctx``: the :class:`ModelContext` (``targets_for`` resolves presets).
+    - ``activation_bytes(options, linears, ctx, compute_bytes) -> int``: the bytes per token the adapter's
+      own tensors keep for backward in one decoder layer (``linears``: that layer's linear layers;
+      ``compute_bytes``: 2 under bf16/fp16 autocast, 4 in fp32). The base layer's own activations are
+      the core's; undeclared, ``ftk plan`` counts none for the adapter and says so.
     """
 
     trainable_parameters: Callable[[dict, dict, ModelContext], int] | None = None
+    activation_bytes: Callable[[dict, dict, ModelContext, int], int] | None = None
 
 
 class Metric(Protocol):

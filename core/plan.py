@@ -2,14 +2,14 @@
 
 The activation model counts the tensors autograd keeps per token in one LLaMA decoder layer when the
 base weights are frozen (QLoRA): normalisation inputs (kept in fp32, as LLaMA's RMSNorm upcasts),
-the projections' inputs, LoRA's dropout and low-rank intermediates, rotary q/k, attention q/k/v/out
+the projections' inputs, the adapter's own tensors (its ``AdapterInfo.activation_bytes``), rotary q/k, attention q/k/v/out
 (fused attention keeps no score matrix), and the SwiGLU MLP's four intermediate-size tensors; plus
 fp32 logits with their log-softmax and gradient. With gradient checkpointing only each layer's input
 is kept, plus one layer recomputed during backward.
 
 What only a component knows comes from its declarations: the quantizer's plan says which linear layers
 it quantizes and the bytes per quantized weight (``QuantizationPlan.quantizes``/``bytes_per_weight``),
-the adapter its trainable-parameter count (``AdapterInfo.trainable_parameters``). A figure a component
+the adapter its trainable-parameter count and activations (``AdapterInfo``). A figure a component
 does not declare is reported as unknown (None), never guessed.
 """
 from __future__ import annotations
@@ -22,7 +22,6 @@ from ftk.model import gradient_checkpointing_on
 
 GB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
-_LINEAR_NAMES = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 _MLP_NAMES = ("gate_proj", "up_proj", "down_proj")
 
 
@@ -50,25 +49,15 @@ class Shape:
         return {"q_proj": (h, h), "k_proj": (h, kv), "v_proj": (h, kv), "o_proj": (h, h),
                 "gate_proj": (h, i), "up_proj": (h, i), "down_proj": (i, h)}
 
-    def linears(self) -> dict[str, tuple[int, int]]:
-        """(in, out) per linear layer of the decoder, by module name (what components' declarations get)."""
+    def linears(self, layers: range | None = None) -> dict[str, tuple[int, int]]:
+        """(in, out) per linear layer of the decoder (or of ``layers``), by module name (what components'
+        declarations get)."""
         return {f"model.layers.{n}.{'mlp' if p in _MLP_NAMES else 'self_attn'}.{p}": io
-                for n in range(self.layers) for p, io in self.linear_shapes().items()}
+                for n in (layers or range(self.layers)) for p, io in self.linear_shapes().items()}
 
 
 def _get(cfg, key):
     return cfg.get(key) if isinstance(cfg, dict) else getattr(cfg, key, None)
-
-
-def _targets(recipe: dict) -> list[str]:
-    # the activation model's per-target terms follow LoRA-style options where an adapter has them; an
-    # adapter without target_modules/r/dropout adds no per-target activations here
-    t = recipe["adapter"]["target_modules"] if "target_modules" in recipe["adapter"] else []
-    if t == "all-linear":
-        return list(_LINEAR_NAMES)
-    if t == "default":
-        return ["q_proj", "v_proj"]
-    return [x for x in t if x in _LINEAR_NAMES]
 
 
 def _compute_bytes(recipe: dict, cuda: bool) -> int:
@@ -101,16 +90,19 @@ def _hf_config(config):
     return AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
 
 
-def declared_sizes(config, recipe: dict, manager) -> dict:
+def declared_sizes(config, recipe: dict, manager, compute_bytes: int = 2) -> dict:
     """What the recipe's quantizer and adapter declare for this model (``recipe``: defaults filled):
     ``quantized`` / ``unquantized`` linear parameters and ``weight_bytes`` of the quantized ones,
-    ``trainable`` parameters; None where a component does not say, with the reason in ``unknown``."""
+    ``trainable`` parameters, ``adapter_activations`` (bytes per token in one decoder layer); None (0 for
+    activations) where a component does not say, with the reason in ``unknown``."""
     from ftk.model import model_context, quantization_plan
 
-    linears = Shape.from_config(config).linears()
+    shape = Shape.from_config(config)
+    linears = shape.linears()
     ctx, _ = model_context(recipe, manager, _hf_config(config))
     qname, qplan = quantization_plan(recipe, manager, ctx)
-    out = {"quantized": None, "unquantized": None, "weight_bytes": None, "trainable": None, "unknown": []}
+    out = {"quantized": None, "unquantized": None, "weight_bytes": None, "trainable": None,
+           "adapter_activations": 0, "unknown": []}
     quantizes = qplan.quantizes
     if quantizes is None and qplan.bytes_per_weight is not None:
         quantizes = _every_layer
@@ -123,13 +115,18 @@ def declared_sizes(config, recipe: dict, manager) -> dict:
         out["unknown"].append(f"weights: unknown for quantizer {qname!r} (it declares no bytes_per_weight)")
     aopts = dict(recipe["adapter"])
     comp = manager.get("adapter", aopts.pop("method"))
-    count = getattr(comp.info, "trainable_parameters", None)
-    if count is None:
-        out["unknown"].append(f"trainable parameters: unknown for adapter {comp.name!r} "
-                              f"(it declares no trainable_parameters)")
-    else:
-        with manager.calling(comp, "counting trainable parameters"):
-            out["trainable"] = int(count(aopts, linears, ctx))
+    declared = (("trainable", "trainable_parameters", linears, (), "counting trainable parameters",
+                 f"trainable parameters: unknown for adapter {comp.name!r} (it declares no trainable_parameters)"),
+                ("adapter_activations", "activation_bytes", shape.linears(range(1)), (compute_bytes,),
+                 "estimating activations",
+                 f"activations: adapter {comp.name!r} declares no activation_bytes; its own are not included"))
+    for key, attr, where, extra, phase, missing in declared:
+        fn = getattr(comp.info, attr, None)
+        if fn is None:
+            out["unknown"].append(missing)
+            continue
+        with manager.calling(comp, phase):
+            out[key] = int(fn(aopts, where, ctx, *extra))
     return out
 
 
@@ -148,11 +145,10 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
 
         manager = get_manager()
     recipe = _filled(recipe, manager)
-    sizes = declared_sizes(config, recipe, manager)
-    s = Shape.from_config(config)
-    r = int(recipe["adapter"]["r"]) if "r" in recipe["adapter"] else 0
-    tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"])
     d = _compute_bytes(recipe, cuda)
+    sizes = declared_sizes(config, recipe, manager, d)
+    s = Shape.from_config(config)
+    tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"])
     store = 2 if d == 2 else 4  # unquantized parameters are kept in the compute dtype
 
     linear = sum(i * o for i, o in s.linear_shapes().values()) * s.layers
@@ -163,8 +159,6 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     if sizes["weight_bytes"] is not None:
         weights = sizes["weight_bytes"] + (sizes["unquantized"] + emb + norms) * store
 
-    shapes = s.linear_shapes()
-    targets = _targets(recipe)
     lora_params = sizes["trainable"]
     lora = _times(lora_params, 4)  # adapters train in fp32
     grads = _times(lora_params, 4)
@@ -175,18 +169,15 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     if d != 2:
         # two RMSNorms keep ~3 fp32 vectors each (input upcast, normalised, scaled); rotary keeps q, k and
         # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
-        lora_act = sum(shapes[t][0] + r for t in targets)
-        per_layer_tok = 4 * (3 * h) * 2 + d * (h + lora_act + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
-        per_layer_tok += len(targets) * h  # dropout masks (1 byte)
+        per_layer_tok = 4 * (3 * h) * 2 + d * (h + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
     else:
         # bf16 autocast with frozen bf16 weights (ftk's default on GPUs) keeps less: each RMSNorm one fp32
-        # copy of its input; each LoRA target its dropout output and mask (or the shared normed input);
-        # attention q, k, v and output; the MLP gate, up and SiLU(gate). 156 KB per token per layer for
-        # LLaMA-7B against 151 KB measured (H200, eager; saved-tensor tally of bench/gpu_bench.py).
-        lora_in = sum(shapes[t][0] for t in targets)
-        dropout = "dropout" in recipe["adapter"] and float(recipe["adapter"]["dropout"]) > 0
-        per_layer_tok = (2 * 4 * h + ((d + 1) * lora_in if dropout else d * h) + d * r * len(targets)
-                         + d * (2 * h + 2 * kv) + 3 * d * i)
+        # copy of its input; attention q, k, v and output; the MLP gate, up and SiLU(gate) (a frozen
+        # projection keeps no input: what an adapter keeps is its own declaration). 156 KB per token per
+        # layer for LLaMA-7B with LoRA r=8 on q/v against 151 KB measured (H200, eager; saved-tensor tally
+        # of bench/gpu_bench.py).
+        per_layer_tok = 2 * 4 * h + d * (2 * h + 2 * kv) + 3 * d * i
+    per_layer_tok += sizes["adapter_activations"]
     ckpt = gradient_checkpointing_on(recipe, cuda)
     # saved tensors, plus one layer's worth of their gradients in flight during backward (with
     # checkpointing: each layer's input, plus the one layer being recomputed and its gradients)

@@ -40,13 +40,29 @@ def resolve_targets(target, ctx) -> list[str] | str:
                    f"list the module names instead")
 
 
+def _targeted(options, linears, ctx) -> list[tuple[int, int]]:
+    """(in, out) of each of ``linears`` the adapter targets (a name matches as PEFT matches it)."""
+    targets = resolve_targets(options["target_modules"], ctx)
+    return [shape for name, shape in linears.items()
+            if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)]
+
+
 def trainable_parameters(options, linears, ctx) -> int:
     """For `ftk plan`: LoRA trains A (r x in) and B (out x r) on each targeted linear layer."""
-    r = int(options.get("r", 8))
-    targets = resolve_targets(options.get("target_modules", ["q_proj", "v_proj"]), ctx)
-    chosen = [shape for name, shape in linears.items()
-              if targets == "all-linear" or any(name == t or name.endswith("." + t) for t in targets)]
-    return sum(r * (i + o) for i, o in chosen)
+    return sum(int(options["r"]) * (i + o) for i, o in _targeted(options, linears, ctx))
+
+
+def activation_bytes(options, linears, ctx, compute_bytes) -> int:
+    """For `ftk plan`: what LoRA keeps per token in one layer for backward."""
+    d, r, chosen = compute_bytes, int(options["r"]), _targeted(options, linears, ctx)
+    ins = sum(i for i, _ in chosen)
+    if d == 2:
+        # autocast: each target's dropout output and its 1-byte mask (without dropout, the shared normed
+        # input), and A's output
+        kept = (d + 1) * ins if float(options["dropout"]) > 0 else d * ctx.model_config.hidden_size
+        return kept + d * r * len(chosen)
+    # fp32: each target's dropout output, A's output and the 1-byte dropout mask
+    return d * (ins + r * len(chosen)) + ins
 
 
 def apply(model, options, ctx):
@@ -54,7 +70,7 @@ def apply(model, options, ctx):
 
     from ftk.errors import FtkError
 
-    targets = resolve_targets(options.get("target_modules", ["q_proj", "v_proj"]), ctx)
+    targets = resolve_targets(options["target_modules"], ctx)
     if isinstance(targets, list):
         # PEFT only fails when *no* name matches; a typo among several would pass silently. A name
         # matches as PEFT matches it: the whole module path or a suffix after a dot.
@@ -63,10 +79,10 @@ def apply(model, options, ctx):
         if missing:
             raise FtkError(f"adapter.target_modules: no module named {', '.join(map(repr, missing))} in this model "
                            f"(linear layers: {', '.join(sorted(_linear_leaves(model)))})")
-    cfg = LoraConfig(r=int(options.get("r", 8)), lora_alpha=options.get("alpha", 16),
-                     lora_dropout=float(options.get("dropout", 0.05)), bias=options.get("bias", "none"),
-                     target_modules=targets, use_rslora=bool(options.get("use_rslora", False)),
-                     use_dora=bool(options.get("use_dora", False)),
+    cfg = LoraConfig(r=int(options["r"]), lora_alpha=options["alpha"],
+                     lora_dropout=float(options["dropout"]), bias=options["bias"],
+                     target_modules=targets, use_rslora=bool(options["use_rslora"]),
+                     use_dora=bool(options["use_dora"]),
                      modules_to_save=options.get("modules_to_save") or None, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
     if cfg.use_dora:
@@ -108,7 +124,7 @@ def _linear_leaves(model) -> set[str]:
 @hookimpl
 def ftk_register_adapters(register):
     register("lora", apply, description="Low-rank adapters (PEFT LoRA; rsLoRA and DoRA options)", options_schema=SCHEMA,
-             info=AdapterInfo(trainable_parameters=trainable_parameters))
+             info=AdapterInfo(trainable_parameters=trainable_parameters, activation_bytes=activation_bytes))
 
 
 @hookimpl

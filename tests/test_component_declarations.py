@@ -40,6 +40,11 @@ def norm_count(options, linears, ctx):
     return cfg.hidden_size * (2 * cfg.num_hidden_layers + 1)
 
 
+def norm_activations(options, linears, ctx, compute_bytes):
+    assert len(linears) == 7  # one decoder layer's
+    return 1000 * compute_bytes
+
+
 class ThirdParty:
     @hookimpl
     def ftk_register_quantizers(self, register):
@@ -50,7 +55,8 @@ class ThirdParty:
     @hookimpl
     def ftk_register_adapters(self, register):
         register("norms", norms_only, description="norm weights (declares its count)",
-                 options_schema={"type": "object"}, info=AdapterInfo(trainable_parameters=norm_count))
+                 options_schema={"type": "object"},
+                 info=AdapterInfo(trainable_parameters=norm_count, activation_bytes=norm_activations))
         register("mystery", norms_only, description="declares nothing", options_schema={"type": "object"})
 
 
@@ -97,6 +103,11 @@ def test_plan_uses_the_third_party_declarations(manager, tmp_path):
     assert p["bytes"]["total"] == sum(v for k, v in p["bytes"].items() if k != "total")
     assert p["unknown"] == []
     assert "unknown" not in format_plan(p)
+    # the adapter's declared activations come on top of the base layers' own, in every kept layer
+    base = plan(recipe(manager, "halfq", "mystery", tmp_path), manager, with_data=False)
+    tokens, ckpt = p["assumptions"]["tokens_per_micro_batch"], p["assumptions"]["gradient_checkpointing"]
+    assert not ckpt
+    assert p["bytes"]["activations"] - base["bytes"]["activations"] == tokens * (LAYERS + 1) * 1000 * store
 
 
 def test_plan_says_what_an_undeclared_component_does_not_tell(manager, tmp_path):
@@ -108,6 +119,7 @@ def test_plan_says_what_an_undeclared_component_does_not_tell(manager, tmp_path)
     text = format_plan(p)
     assert "trainable (adapter) parameters: unknown" in text
     assert "unknown for quantizer 'opaque'" in text and "unknown for adapter 'mystery'" in text
+    assert "adapter 'mystery' declares no activation_bytes" in text
 
 
 def test_quantized_layers_is_the_quantizers_count(manager, tmp_path):

@@ -44,6 +44,11 @@ def lora_count(options, linears, ctx):
     return sum(options["rank"] * (i + o) for name, (i, o) in linears.items() if name.endswith(("q_proj", "v_proj")))
 
 
+def lora_activations(options, linears, ctx, compute_bytes):  # each target's input and A's output
+    return sum(compute_bytes * (i + options["rank"]) for name, (i, o) in linears.items()
+               if name.endswith(("q_proj", "v_proj")))
+
+
 class MeanLength:
     requires = "text"
 
@@ -66,7 +71,7 @@ class ThirdParty:
 
     @hookimpl
     def ftk_register_adapters(self, register):
-        register("mylora", attach_lora, info=AdapterInfo(trainable_parameters=lora_count), options_schema={
+        register("mylora", attach_lora, info=AdapterInfo(trainable_parameters=lora_count, activation_bytes=lora_activations), options_schema={
             "type": "object", "properties": {"rank": {"type": "integer", "minimum": 1, "default": 4}}})
 
     @hookimpl
