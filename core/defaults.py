@@ -64,3 +64,10 @@ def section_defaults(path: str, schema: dict | None = None) -> dict:
     """``{key: default}`` for every key of the object at ``path`` whose schema gives a default."""
     props = schema_node(path, schema).get("properties") or {}
     return {k: copy.deepcopy(sub["default"]) for k, sub in props.items() if "default" in sub}
+
+
+def section(recipe: dict, key: str) -> dict:
+    """The recipe's top-level section ``key`` with the schema's defaults under it: code that may be handed
+    a recipe not filled by load_recipe (benchmarks, notebooks) reads its settings through this, so no
+    default is written twice."""
+    return {**section_defaults(key), **(recipe.get(key) or {})}

@@ -13,6 +13,7 @@ from typing import Any
 
 import jsonschema
 
+from ftk.defaults import section_defaults
 from ftk.errors import FtkError
 
 # (section path, key holding the component name, kind) for the component-bearing objects.
@@ -212,13 +213,14 @@ def validate_recipe(recipe: Any, manager=None) -> list[str]:
 def _semantic_checks(recipe: dict) -> list[str]:
     """Conflicts the schema cannot express."""
     out = []
-    data = recipe.get("data") if isinstance(recipe.get("data"), dict) else {}
-    tr = recipe.get("training") if isinstance(recipe.get("training"), dict) else {}
-    if data.get("streaming") and tr.get("max_steps", -1) in (-1, None):
+    data = {**section_defaults("data"), **(recipe.get("data") if isinstance(recipe.get("data"), dict) else {})}
+    tr = {**section_defaults("training"),
+          **(recipe.get("training") if isinstance(recipe.get("training"), dict) else {})}
+    if data["streaming"] and tr["max_steps"] in (-1, None):
         out.append("training.max_steps: streaming data needs max_steps (the length of a stream is unknown)")
     if data.get("streaming") and data.get("mixing") == "balanced":
         out.append("data.mixing: 'balanced' mixing needs the dataset sizes; use 'concat' with streaming")
-    if data.get("packing", True) and data.get("pad_to_max_length"):
+    if data["packing"] and data["pad_to_max_length"]:
         out.append("data.pad_to_max_length: only applies with packing off (set data.packing to false)")
     vs = data.get("validation_size")
     if isinstance(vs, (int, float)) and not isinstance(vs, bool) and vs >= 1 and vs != int(vs):

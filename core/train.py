@@ -13,6 +13,7 @@ import shutil
 import time
 from pathlib import Path
 
+from ftk.defaults import schema_default, section
 from ftk.errors import FtkError, PluginError, RunError
 from ftk.io import append_jsonl, atomic_write_text, temp_dir
 from ftk.run import is_main_process as _is_main  # one definition of "rank 0"
@@ -143,12 +144,10 @@ def _trainer_class():
 def trainer_section(recipe: dict) -> dict:
     """The recipe's ``trainer`` section; a recipe that did not go through load_recipe gets the schema's
     default (the core names no training method of its own)."""
-    section = recipe.get("trainer")
-    if isinstance(section, dict) and section.get("method"):
-        return section
-    from ftk.recipe import base_schema
-
-    return copy.deepcopy(base_schema()["properties"]["trainer"]["default"])
+    sec = recipe.get("trainer")
+    if isinstance(sec, dict) and sec.get("method"):
+        return sec
+    return schema_default("trainer")
 
 
 # the Trainer's constructor arguments train() sets; a TrainerPlan's trainer_kwargs adds others
@@ -164,10 +163,10 @@ def trainer_plan(recipe: dict, manager, output_dir: str):
         from ftk.manager import get_manager
 
         manager = get_manager()
-    section = trainer_section(recipe)
-    name = section["method"]
+    sec = trainer_section(recipe)
+    name = sec["method"]
     comp = manager.get("trainer", name)
-    options = {k: v for k, v in section.items() if k != "method"}
+    options = {k: v for k, v in sec.items() if k != "method"}
     with manager.calling(comp, "planning training"):
         plan = comp.factory(options, TrainerContext(recipe=recipe, output_dir=str(output_dir)))
     who = f"trainer {name!r} (plugin {comp.plugin!r}, package {comp.package})"
@@ -249,36 +248,36 @@ def training_arguments(recipe: dict, output_dir: str, has_eval: bool):
 
     from ftk.model import resolve_precision
 
-    t = recipe.get("training") or {}
-    precision = resolve_precision(t.get("precision", "auto"))
-    report = [r for r in (t.get("report_to") or []) if r not in ("none", "tensorboard")]
-    eval_steps = t.get("eval_steps")
+    t = section(recipe, "training")
+    precision = resolve_precision(t["precision"])
+    report = [r for r in (t["report_to"] or []) if r not in ("none", "tensorboard")]
+    eval_steps = t["eval_steps"]
     return TrainingArguments(
         output_dir=str(Path(output_dir) / CHECKPOINTS),
-        per_device_train_batch_size=t.get("batch_size", 4),
-        per_device_eval_batch_size=t.get("eval_batch_size") or t.get("batch_size", 4),
-        gradient_accumulation_steps=t.get("gradient_accumulation_steps", 4),
-        num_train_epochs=float(t.get("epochs", 3)),
-        max_steps=int(t.get("max_steps", -1)),
-        learning_rate=t.get("learning_rate", 2e-4),
-        weight_decay=t.get("weight_decay", 0.01),
-        warmup_steps=float(t.get("warmup_ratio", 0.03)),  # a float < 1 is a ratio in transformers 5
-        max_grad_norm=t.get("max_grad_norm", 0.3),
-        lr_scheduler_type=t.get("lr_scheduler", "cosine"),
-        optim=t.get("optimizer", "paged_adamw_32bit"),
+        per_device_train_batch_size=t["batch_size"],
+        per_device_eval_batch_size=t["eval_batch_size"] or t["batch_size"],
+        gradient_accumulation_steps=t["gradient_accumulation_steps"],
+        num_train_epochs=float(t["epochs"]),
+        max_steps=int(t["max_steps"]),
+        learning_rate=t["learning_rate"],
+        weight_decay=t["weight_decay"],
+        warmup_steps=float(t["warmup_ratio"]),  # a float < 1 is a ratio in transformers 5
+        max_grad_norm=t["max_grad_norm"],
+        lr_scheduler_type=t["lr_scheduler"],
+        optim=t["optimizer"],
         bf16=precision == "bf16",
         fp16=precision == "fp16",
-        seed=int(t.get("seed", 42)),
-        logging_steps=t.get("logging_steps", 1),
+        seed=int(t["seed"]),
+        logging_steps=t["logging_steps"],
         logging_first_step=True,
         logging_nan_inf_filter=False,  # a NaN must reach NanStopCallback, not be averaged away
-        save_strategy="steps" if t.get("save_steps") else "no",
-        save_steps=t.get("save_steps") or 500,
-        save_total_limit=t.get("save_total_limit"),
+        save_strategy="steps" if t["save_steps"] else "no",
+        save_steps=t["save_steps"] or 500,  # unused when saving is off, but TrainingArguments wants a number
+        save_total_limit=t["save_total_limit"],
         eval_strategy="steps" if (eval_steps and has_eval) else "no",
         eval_steps=eval_steps,
-        train_sampling_strategy="group_by_length" if t.get("group_by_length") else "random",
-        dataloader_num_workers=t.get("dataloader_num_workers", 0),
+        train_sampling_strategy="group_by_length" if t["group_by_length"] else "random",
+        dataloader_num_workers=t["dataloader_num_workers"],
         remove_unused_columns=False,  # our collator needs every column (position_ids for packed rows)
         report_to=report or "none",
         include_num_input_tokens_seen="non_padding",
@@ -342,7 +341,7 @@ def save_adapter(model, tokenizer, output_dir: str) -> Path:
 
 def compile_on(recipe: dict) -> bool:
     """training.compile resolved: "auto" is on when training on a CUDA GPU with Triton for the kernels."""
-    value = (recipe.get("training") or {}).get("compile", "auto")
+    value = section(recipe, "training")["compile"]
     if value != "auto":
         return bool(value)
     import importlib.util
@@ -384,7 +383,7 @@ def dynamo_settings(recipe: dict, compiled: list):
 
     return torch._dynamo.config.patch(
         # "auto" must never cost a run: a layer that fails to compile runs eagerly
-        suppress_errors=(recipe.get("training") or {}).get("compile", "auto") == "auto",
+        suppress_errors=section(recipe, "training")["compile"] == "auto",
         # identical layers share one graph; layer 0 (input without grad) and evaluation add variants
         cache_size_limit=max(torch._dynamo.config.cache_size_limit, 16))
 
@@ -427,27 +426,27 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     if plan.training_arguments is not None:
         args = plan.training_arguments(args)
     JsonlLogCallback, NanStopCallback, LearningGuard = _callback_classes()
-    t = recipe.get("training") or {}
+    t, d = section(recipe, "training"), section(recipe, "data")
     trainable = [(n, p) for n, p in model.named_parameters() if p.requires_grad]
     if not trainable:
         raise RunError("training cannot learn: no parameter of the model requires a gradient "
                        "(check the adapter section of the recipe)")
     guard = LearningGuard(trainable, "bf16" if args.bf16 else "fp16" if args.fp16 else "fp32")
     callbacks = [guard, JsonlLogCallback(out / TRAIN_LOG)]
-    if t.get("stop_on_nan", True):
+    if t["stop_on_nan"]:
         callbacks.insert(0, NanStopCallback())
-    if "tensorboard" in (t.get("report_to") or []):
+    if "tensorboard" in (t["report_to"] or []):
         tb = _tensorboard_callback(out / "logs")
         if tb is not None:
             callbacks.append(tb)
     callbacks += manager.trainer_callbacks(recipe, output_dir) if manager is not None else []
     collator = prepared.collator
     compiling = compile_on(recipe)
-    if compiling and (recipe.get("data") or {}).get("packing", True) and not collator.pad_to:
+    if compiling and d["packing"] and not collator.pad_to:
         # packed rows are nearly full: padding them to max_length costs little and gives every batch
         # one shape, so the layers compile once instead of again for dynamic lengths
         collator = copy.copy(collator)
-        collator.pad_to = int((recipe.get("data") or {}).get("max_length", 512))
+        collator.pad_to = int(d["max_length"])
     trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks, **plan.trainer_kwargs)
     if plan.compute_loss is not None:

@@ -56,7 +56,7 @@ def load(options, ctx):
     from ftk.loaderkit import RecordPolicy, file_fingerprint, load_hub
 
     policy = RecordPolicy(ctx.on_error)
-    path, template, fmt = options["path"], options.get("template"), options.get("format", "auto")
+    path, template, fmt = options["path"], options.get("template"), options["format"]
     if Path(path).exists() or path.startswith((".", "/", "~")):
         train = _records(path, fmt, policy, template)
         if not ctx.streaming:

@@ -82,8 +82,8 @@ def _examples(path, options, policy):
 
     fields = {**_DEFAULT_FIELDS, **(options.get("fields") or {})}
     template = options.get("template")
-    shape = options.get("shape", "instruction")
-    for where, rec in iter_records(path, options.get("format", "auto"), policy):
+    shape = options["shape"]
+    for where, rec in iter_records(path, options["format"], policy):
         try:
             if shape == "conversation":
                 ex = _conversation(rec, fields, options.get("roles") or {})

@@ -179,13 +179,13 @@ def load(options, ctx):
     if tmpl not in ("default", "chat"):
         raise DataError(f"dailydialog: template {tmpl!r} is not supported; use \"default\" or \"chat\"")
     policy = RecordPolicy(ctx.on_error)
-    mode, speakers = options.get("mode", "conversation"), options.get("speakers") or ["User", "Assistant"]
+    mode, speakers = options["mode"], options["speakers"]
     path = options["path"]
     if Path(path).exists() or path.startswith((".", "/", "~")):
         srcs = _native_sources(path)
         by_split = {}
         for s in srcs:
-            by_split.setdefault(s[0], []).extend(_read_split(s, policy, mode, speakers, options.get("labels", True)))
+            by_split.setdefault(s[0], []).extend(_read_split(s, policy, mode, speakers, options["labels"]))
         train = by_split["train"] if "train" in by_split else by_split.get("text")  # [] if all were skipped
         if train is None:
             raise DataError(f"{path}: no training split (found {', '.join(sorted(by_split))})")

@@ -127,7 +127,7 @@ def plan(options, ctx, *, method: str):
                                 quantizes=_never, count_quantized=_no_layers)
     four_bit = method in ("nf4", "fp4")
     defaults, bad, why = incompatible_linears(ctx.model_config, four_bit)
-    if bad and options.get("on_incompatible", "skip") == "error":
+    if bad and options["on_incompatible"] == "error":
         raise FtkError([f"model.quantization: cannot quantize {n}" for n in why]
                        + ["model.quantization.on_incompatible: set to \"skip\" to leave these layers unquantized"])
     skipped = _collapse(bad)
@@ -139,25 +139,25 @@ def plan(options, ctx, *, method: str):
         notes.append(f"left unquantized by model.quantization.skip_modules: {', '.join(extra)}")
     skip = sorted(set(defaults) | set(skipped) | set(extra))
     if four_bit:
-        cdt = options.get("compute_dtype", "auto")
+        cdt = options["compute_dtype"]
         if cdt == "auto":
-            prec = (ctx.recipe.get("training") or {}).get("precision", "auto")
+            prec = ctx.recipe["training"]["precision"]
             cdt = {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
-                                 bnb_4bit_use_double_quant=bool(options.get("nested", True)),
+                                 bnb_4bit_use_double_quant=bool(options["nested"]),
                                  bnb_4bit_compute_dtype=getattr(torch, cdt), llm_int8_skip_modules=skip)
-        notes.insert(0, f"{method} 4-bit{' nested' if options.get('nested', True) else ''}, compute {cdt}")
+        notes.insert(0, f"{method} 4-bit{' nested' if options['nested'] else ''}, compute {cdt}")
     else:
         import warnings
 
         # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16; once is enough
         warnings.filterwarnings("once", message="MatMul8bitLt: inputs will be cast")
-        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options.get("threshold", 6.0)),
+        cfg = BitsAndBytesConfig(load_in_8bit=True, llm_int8_threshold=float(options["threshold"]),
                                  llm_int8_skip_modules=skip)
         notes.insert(0, "int8 (LLM.int8())")
     return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True,
                             after_load=keep_trainable_layout if four_bit else None,
-                            bytes_per_weight=FOUR_BIT_BYTES[bool(options.get("nested", True))] if four_bit else 1.0,
+                            bytes_per_weight=FOUR_BIT_BYTES[bool(options["nested"])] if four_bit else 1.0,
                             quantizes=_whole_blocks if four_bit else None, count_quantized=count_quantized,
                             weights_in=weights_in)
 
