@@ -270,7 +270,7 @@ class FtkPluginManager:
                           f"{', '.join(repr(o) for o in others)} (write that name to use it)", file=sys.stderr)
         dup = self._duplicates.get(f"{kind}:{qualified}")
         if dup:
-            who = " and ".join(f"plugin {c.plugin!r} (package {c.package})" for c in dup)
+            who = " and ".join(f"plugin {c.plugin!r} (package {_pkg(c)})" for c in dup)
             raise PluginError(f"{kind} {name!r} is registered by more than one plugin: {who}; "
                               f"block one with FTK_BLOCK_PLUGINS")
         if qualified in everything:
@@ -282,7 +282,7 @@ class FtkPluginManager:
             msg += f" (did you mean {close[0]!r}?)"
         if broken:
             msg += "; broken plugins that may provide it: " + ", ".join(
-                f"{r.name} (package {r.package}): {r.error}" for r in broken)
+                f"{r.name} (package {_pkg(r)}): {r.error}" for r in broken)
         msg += "; see `ftk plugins list`"
         raise PluginError(msg)
 

@@ -101,7 +101,7 @@ def test_broken_import_is_recorded_and_others_work(fake_dists):
     assert mgr.get("dataset", "alpaca").package == "ftk"
     with pytest.raises(PluginError) as e:
         mgr.get("dataset", "brokenset")
-    assert "broken (package ftk-broken)" in str(e.value)
+    assert "broken (package ftk-broken 0.1)" in str(e.value)  # the version that failed to import
 
 
 def test_hook_with_wrong_arguments_is_recorded(fake_dists):

@@ -255,7 +255,7 @@ def test_component_of_plugin_with_wrong_argument_names_is_named(fresh_manager, c
     code, err = cli_run(fresh_manager, datasets=[{"loader": "wrongset"}])
     assert code == 2
     line = _error_line(err)
-    assert "unknown dataset 'wrongset'" in line and "wrongset-plugin (package ftk-wrongset): invalid hooks" in line
+    assert "unknown dataset 'wrongset'" in line and "wrongset-plugin (package ftk-wrongset 0.1): invalid hooks" in line
 
 
 def test_same_metric_twice_is_refused_before_loading_the_model(mgr, cli_run, tmp_path):

@@ -244,7 +244,7 @@ def test_broken_plugin_is_listed_with_its_error_and_breaks_nothing_else(broken_s
     p = ftk(sys.executable, "validate", str(write_recipe(tmp_path)), env=env)
     assert p.returncode == 2 and "Traceback" not in p.stderr
     assert "data.datasets[0].loader: unknown dataset 'sharegpt'" in p.stderr
-    assert "sharegpt_broken (package ftk-sharegpt-broken): import failed" in p.stderr
+    assert "sharegpt_broken (package ftk-sharegpt-broken 0.1.0): import failed" in p.stderr
 
 
 # -- the tutorial, followed literally -------------------------------------------------------------
