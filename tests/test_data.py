@@ -155,7 +155,7 @@ def test_packing_gives_the_same_loss_as_unpacked_on_the_real_model(fresh_manager
 
 
 def test_cache_hit_skips_tokenization_and_gives_identical_rows(fresh_manager, tmp_path, tok, monkeypatch):
-    import ftk.data as data_mod
+    import ftk.datacache as data_mod  # cached_tokenize looks tokenize_examples up there
 
     r = make(fresh_manager, tmp_path, [alpaca(200)])
     first = prepare_data(r, tok, fresh_manager)

@@ -1,0 +1,174 @@
+"""Tokenization: examples -> token ids and a trainable-label mask per token, stored flat.
+
+Labels come from our own masks (segment char spans -> tokens via the fast tokenizer's offsets),
+never from pad ids, so the EOS a model must learn to emit is never masked. numpy is the only heavy
+import at module level.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+from dataclasses import dataclass
+
+import numpy as np
+
+from ftk.components import Example, Segment
+from ftk.errors import DataError
+
+
+def prepare_tokenizer(tokenizer):
+    """Give a pad token that is not EOS and pad on the right. Idempotent.
+
+    pad = unk when the tokenizer has one (LLaMA); otherwise a new ``<pad>`` token is added (then the
+    model's embeddings must be resized to ``len(tokenizer)``). Labels never depend on pad ids.
+    """
+    if tokenizer.pad_token is None:
+        if tokenizer.unk_token is not None and tokenizer.unk_token != tokenizer.eos_token:
+            tokenizer.pad_token = tokenizer.unk_token
+        else:
+            tokenizer.add_special_tokens({"pad_token": "<pad>"})
+    tokenizer.padding_side = "right"
+    return tokenizer
+
+
+def tokenizer_fingerprint(tokenizer) -> str:
+    fp = getattr(tokenizer, "_ftk_fingerprint", None)
+    if fp:
+        return fp
+    h = hashlib.sha256()
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    h.update(backend.to_str().encode() if backend is not None else repr(tokenizer.get_vocab()).encode())
+    h.update(json.dumps([type(tokenizer).__name__, tokenizer.bos_token_id, tokenizer.eos_token_id,
+                         getattr(tokenizer, "chat_template", None)], default=str).encode())
+    fp = h.hexdigest()[:20]
+    try:
+        tokenizer._ftk_fingerprint = fp
+    except AttributeError:
+        pass
+    return fp
+
+
+@dataclass
+class TokenBlock:
+    """Examples tokenized once, stored flat: ``ids``/``mask`` (1 = trainable) of example i are
+    ``[offsets[i]:offsets[i+1]]``, untruncated (truncation is applied on use, so max_length is not
+    part of the cache key)."""
+
+    ids: np.ndarray
+    mask: np.ndarray
+    offsets: np.ndarray
+
+    def __len__(self) -> int:
+        return len(self.offsets) - 1
+
+    @property
+    def lengths(self) -> np.ndarray:
+        return np.diff(self.offsets)
+
+    def trainable_within(self, max_length: int) -> np.ndarray:
+        """Trainable labels per example within its first ``max_length`` tokens (the first token's
+        mask is always 0: :func:`tokenize_examples` clears it, nothing predicts that token)."""
+        cs = np.concatenate([[0], np.cumsum(self.mask, dtype=np.int64)])
+        start = self.offsets[:-1]
+        return cs[start + np.minimum(self.lengths, max_length)] - cs[start]
+
+
+def render_chat(tokenizer, messages: list[dict], where: str) -> Example:
+    """Render with the tokenizer's chat template; only assistant turns are trainable.
+
+    Each assistant turn's span is found by rendering the conversation up to it (with the generation
+    prompt) and up to its end: the difference is exactly what the model must produce."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: template 'chat' needs a tokenizer with a chat template; this one has none "
+                        f"(use \"template\": \"default\")")
+
+    def render(msgs, gen=False):
+        try:
+            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
+        except Exception as e:  # noqa: BLE001 - jinja errors from the template itself
+            raise DataError(f"{where}: the tokenizer's chat template failed: {e}") from None
+
+    full = render(messages)
+    segs, pos = [], 0
+    for k, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before, through = render(messages[:k], gen=True), render(messages[: k + 1])
+        start, end = len(before), len(through)
+        if not (full.startswith(before) and full.startswith(through)):
+            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, so "
+                            f"assistant turns cannot be located; use \"template\": \"default\"")
+        if start > pos:
+            segs.append(Segment(full[pos:start], False))
+        segs.append(Segment(full[start:end], True))
+        pos = end
+    if pos < len(full):
+        segs.append(Segment(full[pos:], False))
+    last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
+    return Example(segments=segs, prompt=render(messages[:last], gen=True), reference=messages[last]["content"],
+                   messages=messages)
+
+
+def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
+    """Tokens overlapping chars [s, e) (a token crossing into the span counts as inside)."""
+    first = next((t for c in range(s, e) if (t := enc.char_to_token(c)) is not None), None)
+    if first is None:
+        return None
+    last = next((t for c in range(e - 1, s - 1, -1) if (t := enc.char_to_token(c)) is not None), first)
+    return first, last
+
+
+def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool = False,
+                      progress: bool | None = None, desc: str = "tokenizing") -> TokenBlock:
+    """Tokenize once with the fast tokenizer, in batches: BOS + text + EOS, mask from segment spans.
+
+    BOS/EOS are not added where the text already has them (chat templates); EOS is trainable."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(f"{type(tokenizer).__name__}: ftk needs a fast (Rust) tokenizer for exact label masks")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"{type(tokenizer).__name__}: the tokenizer has no EOS token, so examples cannot end")
+    bos_s, eos_s = tokenizer.bos_token or "\0", tokenizer.eos_token or "\0"
+    n = len(examples)
+    chunks_ids, chunks_mask, lens = [], [], np.zeros(n, np.int64)
+    from tqdm.auto import tqdm
+
+    step = 4096
+    bar = tqdm(total=n, desc=desc, unit="ex", disable=(None if progress is None else not progress), leave=False)
+    for a in range(0, n, step):
+        batch = examples[a: a + step]
+        texts = [ex.text for ex in batch]
+        encs = backend.encode_batch(texts, add_special_tokens=False)
+        for j, (ex, text, enc) in enumerate(zip(batch, texts, encs)):
+            ids = enc.ids
+            add_bos = bos is not None and not text.startswith(bos_s)
+            add_eos = not text.rstrip().endswith(eos_s)
+            body = np.zeros(len(ids), np.uint8)
+            if train_on_inputs:
+                body[:] = 1
+            else:
+                pos = 0
+                for seg in ex.segments:
+                    if seg.train and seg.text:
+                        r = _token_range(enc, pos, pos + len(seg.text))
+                        if r:
+                            body[r[0]: r[1] + 1] = 1
+                    pos += len(seg.text)
+            m = [np.zeros(1, np.uint8)] if add_bos else []
+            m.append(body)
+            if add_eos:
+                m.append(np.ones(1, np.uint8))
+            full = ([bos] if add_bos else []) + ids + ([eos] if add_eos else [])
+            chunks_ids.append(np.asarray(full, np.int32))
+            chunks_mask.append(np.concatenate(m))
+            lens[a + j] = len(full)
+        bar.update(len(batch))
+    bar.close()
+    offsets = np.concatenate([[0], np.cumsum(lens)]).astype(np.int64)
+    ids = np.concatenate(chunks_ids) if chunks_ids else np.zeros(0, np.int32)
+    mask = np.concatenate(chunks_mask) if chunks_mask else np.zeros(0, np.uint8)
+    if len(mask):
+        mask[offsets[:-1][lens > 0]] = 0  # the first token never has a label (nothing predicts it)
+    return TokenBlock(ids=ids, mask=mask, offsets=offsets)
+
