@@ -8,12 +8,14 @@ import zipfile
 import pytest
 from conftest import ALPACA, DAILYDIALOG, MODEL_DIR
 
-from ftk.components import DataContext
-from ftk.errors import DataError
+from ftk.errors import DataError, FtkError
 
 
 def load(manager, name, on_error="raise", **options):
-    return manager.get("dataset", name).factory(options, DataContext(recipe_dir=".", on_error=on_error))
+    """The loader as ftk runs it: options validated and filled with its schema's defaults."""
+    from ftk.testing import load_dataset
+
+    return load_dataset(manager, {"loader": name, **options}, on_error=on_error)
 
 
 def dd_lines(split):
@@ -144,8 +146,8 @@ def test_dailydialog_too_few_turns_and_label_mismatch(fresh_manager, tmp_path):
 
 
 def test_missing_non_utf8_and_wrong_shape_files(fresh_manager, tmp_path):
-    with pytest.raises(DataError, match=r"nope.json: data file not found"):
-        load(fresh_manager, "alpaca", path=str(tmp_path / "nope.json"))
+    with pytest.raises(FtkError, match=r"data.datasets\[0\].path: .*nope.json does not exist"):
+        load(fresh_manager, "alpaca", path=str(tmp_path / "nope.json"))  # refused before the loader runs
     f = tmp_path / "latin1.json"
     f.write_bytes('[{"instruction": "caf\xe9", "output": "x"}]'.encode("latin-1"))
     with pytest.raises(DataError, match=r"latin1.json:1: not UTF-8"):
