@@ -17,6 +17,7 @@ _LAZY = {
     "PerplexityEvaluator": "ftk.evaluate",
     "QualitativeEvaluator": "ftk.evaluate",
     "hookimpl": "ftk.hookspecs",
+    "register": "ftk.manager",
     "FtkError": "ftk.errors",
 }
 

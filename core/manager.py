@@ -28,6 +28,7 @@ from ftk.components import KINDS
 from ftk.errors import FtkError, PluginError, PluginFailure
 
 GROUP = "ftk"
+LOCAL = "local"  # the package of components registered in-process (register_component)
 _REGISTER_HOOKS = {kind: f"ftk_register_{kind}s" for kind in KINDS}  # the kinds are listed once
 
 
@@ -135,6 +136,32 @@ class FtkPluginManager:
         self.records[name] = rec
         self._register_obj(obj, rec)
         return rec
+
+    def register_component(self, kind: str, name: str, factory: Callable, description: str = "",
+                           options_schema: dict | None = None, *, info: Any = None) -> Component:
+        """Register one component in-process (a notebook, a script): no entry point, no package. It is
+        checked as an installed plugin's ``register(...)`` call is (options schema, declarations) and its
+        code is attributed to plugin ``local:KIND:NAME`` of package ``local``; registering the same kind
+        and name again replaces it. Raises PluginError when it is refused."""
+        if kind not in _REGISTER_HOOKS:
+            raise PluginError(f"register: unknown component kind {kind!r}; one of {', '.join(KINDS)}")
+        hookname = _REGISTER_HOOKS[kind]
+
+        class _Local:  # one hookimpl, named like the kind's registration hook
+            pass
+
+        def hook(register):
+            register(name, factory, description, options_schema, info=info)
+
+        setattr(_Local, hookname, staticmethod(hookspecs.hookimpl(hook)))
+        plugin = f"local:{kind}:{name}"
+        self.unregister(plugin)
+        rec = self.register(_Local(), plugin, package=LOCAL)
+        self.components(kind)  # build now, so a refusal is raised here and not at first use
+        if rec.status != "ok":
+            self.unregister(plugin)
+            raise PluginError(f"register {kind} {name!r}: {rec.error}")
+        return self._all[kind][f"{LOCAL}/{name}"]
 
     def unregister(self, name: str) -> None:
         if self.pm.has_plugin(name):
@@ -544,3 +571,11 @@ def get_manager(fresh: bool = False) -> FtkPluginManager:
     if fresh or _cached is None:
         _cached = FtkPluginManager()
     return _cached
+
+
+def register(kind: str, name: str, factory: Callable, description: str = "", options_schema: dict | None = None,
+             *, info: Any = None, manager: FtkPluginManager | None = None):
+    """``ftk.register``: add a loader, metric, quantizer, adapter, trainer or callback to this process's
+    plugin manager (or ``manager``) without packaging it; see
+    :meth:`FtkPluginManager.register_component`. Recipes name it as ``name`` (or ``local/name``)."""
+    return (manager or get_manager()).register_component(kind, name, factory, description, options_schema, info=info)

@@ -23,14 +23,68 @@ def test_defaults_match_the_seed():
 
 
 def test_invalid_config_is_validated_like_a_recipe(tmp_path):
-    with pytest.raises(FtkError, match=r"training.learning_rate: -1 is less than the minimum"):
+    # the message names the argument the user wrote and the recipe key it fills
+    with pytest.raises(FtkError, match=r"TrainingConfig.learning_rate \(recipe training.learning_rate\): -1 is less "
+                                       r"than the minimum"):
         LLAMATrainer(model_config=ModelConfig(name=str(MODEL_DIR)),
                      data_config=DataConfig(datasets=[{"loader": "alpaca", "path": str(ALPACA)}]),
                      training_config=TrainingConfig(learning_rate=-1), output_dir=str(tmp_path))
-    with pytest.raises(FtkError, match=r"adapter.r: 0 is less than the minimum"):
+    with pytest.raises(FtkError, match=r"LoRAConfig.r \(recipe adapter.r\): 0 is less than the minimum"):
         LLAMATrainer(model_config=ModelConfig(name=str(MODEL_DIR)), lora_config=LoRAConfig(r=0),
                      data_config=DataConfig(datasets=[{"loader": "alpaca", "path": str(ALPACA)}]),
                      output_dir=str(tmp_path))
+
+
+SPEC_MODEL = dict(use_4bit=True, bnb_4bit_compute_dtype="bfloat16", bnb_4bit_quant_type="nf4",
+                  use_nested_quant=True, cache_dir=None)
+SPEC_LORA = dict(r=8, lora_alpha=16, target_modules=["q_proj", "k_proj"], lora_dropout=0.05, bias="none",
+                 task_type="CAUSAL_LM")
+
+
+def test_the_specifications_keywords_are_the_same_settings():
+    """Section 6's calls, verbatim, make exactly the recipe ftk's own names make."""
+    spec = ModelConfig(model_name=str(MODEL_DIR), **SPEC_MODEL)
+    own = ModelConfig(name=str(MODEL_DIR), quantization="nf4", compute_dtype="bfloat16", nested=True)
+    assert spec == own and spec.to_recipe() == own.to_recipe()
+    assert spec.to_recipe()["quantization"] == {"method": "nf4", "nested": True, "compute_dtype": "bfloat16"}
+    assert (spec.model_name, spec.use_4bit, spec.bnb_4bit_quant_type, spec.use_nested_quant,
+            spec.bnb_4bit_compute_dtype) == (str(MODEL_DIR), True, "nf4", True, "bfloat16")
+    fp4 = ModelConfig(model_name="m", bnb_4bit_quant_type="fp4", bnb_4bit_compute_dtype=torch.float32)
+    assert fp4.to_recipe()["quantization"] == {"method": "fp4", "nested": True, "compute_dtype": "float32"}
+    assert ModelConfig(model_name="m", use_4bit=False).to_recipe()["quantization"] == {"method": "none"}
+
+    lora = LoRAConfig(**SPEC_LORA)
+    assert lora == LoRAConfig(r=8, alpha=16, target_modules=["q_proj", "k_proj"], dropout=0.05, bias="none")
+    assert (lora.lora_alpha, lora.lora_dropout, lora.task_type) == (16, 0.05, "CAUSAL_LM")
+    assert lora.to_recipe()["alpha"] == 16 and "task_type" not in lora.to_recipe()
+
+
+@pytest.mark.parametrize("call, message", [
+    (lambda: ModelConfig(model_name="m", bnb_4bit_quant_type="nf5"), r"ModelConfig.bnb_4bit_quant_type: 'nf5'"),
+    (lambda: ModelConfig(model_name="m", use_4bit=False, bnb_4bit_quant_type="nf4"), r"ModelConfig.use_4bit: False"),
+    (lambda: ModelConfig(model_name="m", quantization="int8", use_4bit=True), r"quantization='int8' contradicts"),
+    (lambda: ModelConfig(model_name="m", name="other"), r"model_name= and name= are the same setting"),
+    (lambda: ModelConfig(model_name="m", use_8bit=True), r"ModelConfig: unknown argument use_8bit="),
+    (lambda: ModelConfig(name="m", quantization="int8", use_nested_quant=True).to_recipe(),
+     r"ModelConfig.nested: quantizer 'int8' has no 'nested' option"),
+    (lambda: LoRAConfig(task_type="SEQ_CLS"), r"LoRAConfig.task_type: .*'SEQ_CLS' is not CAUSAL_LM"),
+    (lambda: LoRAConfig(lora_alpha=16, alpha=32), r"lora_alpha= and alpha= are the same setting"),
+])
+def test_a_wrong_call_is_one_ftk_error_naming_the_argument(call, message):
+    with pytest.raises(FtkError, match=message):
+        call()
+
+
+def test_wrong_values_name_the_argument_not_only_the_recipe_key(tmp_path):
+    data = DataConfig(datasets=[{"loader": "alpaca", "path": str(ALPACA)}])
+    with pytest.raises(FtkError, match=r"ModelConfig.quantization \(recipe model.quantization.method\): "
+                                       r"unknown quantizer 'nf5'"):
+        LLAMATrainer(model_config=ModelConfig(name=str(MODEL_DIR), quantization="nf5"), data_config=data,
+                     output_dir=str(tmp_path))
+    with pytest.raises(FtkError, match=r"DataConfig.datasets\[0\].path \(recipe data.datasets\[0\].path\): "
+                                       r".*missing.json does not exist"):
+        LLAMATrainer(model_config=ModelConfig(name=str(MODEL_DIR)), output_dir=str(tmp_path),
+                     data_config=DataConfig(datasets=[{"loader": "alpaca", "path": str(tmp_path / "missing.json")}]))
 
 
 def test_train_and_evaluate(tmp_path):
