@@ -86,6 +86,10 @@ def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
       ftk eval examples/quickstart.json --adapter runs/quickstart/adapter
       ftk eval examples/quickstart.json --adapter runs/quickstart/adapter \\
           --set evaluation.max_samples=5 --set evaluation.generation.num_beams=1 --out runs/eval1
+
+    \b
+    Decoding (evaluation.generation) follows the rule in docs/evaluation.md,
+    "Generation settings"; a setting that would be ignored is an error.
     """
     from ftk.recipe import load_recipe
 
@@ -122,17 +126,18 @@ def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
 @click.option("--base", "base", default=None, metavar="MODEL",
               help="Base model folder or hub id (alone: generate with the base model, no adapter).")
 @click.option("--max-new-tokens", type=click.IntRange(min=1), default=_gen_default("max_new_tokens"), show_default=True)
-@click.option("--num-beams", type=click.IntRange(min=1), default=_gen_default("num_beams"), show_default=True,
-              help="Beam width; 1 with --do-sample off is greedy decoding.")
-@click.option("--do-sample", is_flag=True, help="Sample instead of beam/greedy search.")
-@click.option("--temperature", type=click.FloatRange(min=0, min_open=True), default=_gen_default("temperature"),
-              show_default=True,
-              help="Sampling temperature (with --do-sample).")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=_gen_default("top_p"), show_default=True,
-              help="Nucleus sampling mass (with --do-sample).")
+@click.option("--num-beams", type=click.IntRange(min=1), default=None,
+              help="Beam width. Unset: 4 (beam search), or 1 when sampling or with --temperature 0 (greedy).")
+@click.option("--do-sample/--no-sample", default=None,
+              help="Sample, or not. Unset: sample when --temperature (> 0) or --top-p is given.")
+@click.option("--temperature", type=click.FloatRange(min=0), default=None,
+              help="Sampling temperature; given alone it turns sampling on (1.0 when sampling without it). "
+                   "0: greedy decoding.")
+@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+              help="Nucleus sampling mass; given alone it turns sampling on (1.0 when sampling without it).")
 @click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
               default=_gen_default("repetition_penalty"), show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible --do-sample output).")
+@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible sampled output).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {prompt, response}.")
 def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, temperature, top_p,
              repetition_penalty, seed, as_json):
@@ -143,11 +148,21 @@ def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, tempe
     unquantized (as `ftk merge` does).
 
     \b
+    Decoding follows one rule, the recipe's and the Python API's too (table in
+    docs/evaluation.md, "Generation settings"): no option gives 4-beam search;
+    --temperature or --top-p alone samples; --temperature 0 is greedy; a flag
+    that would be ignored (--no-sample with --temperature, say) is an error.
+
+    \b
     Examples:
       ftk generate --base ../shared/models/stories260K "Once upon a time"
       ftk generate --adapter runs/quickstart/adapter --num-beams 1 "Once upon a time"
-      ftk generate --adapter runs/quickstart/adapter --do-sample --temperature 0.8 --seed 1 "Hi!"
+      ftk generate --adapter runs/quickstart/adapter --temperature 0.8 --seed 1 "Hi!"
     """
+    from ftk.generation import CLI, resolve_decoding
+
+    decoding = resolve_decoding({"do_sample": do_sample, "num_beams": num_beams, "temperature": temperature,
+                                 "top_p": top_p}, CLI)  # before anything loads
     if not adapter and not base:
         raise FtkError("generate: give --adapter DIR or --base MODEL")
     if adapter:
@@ -161,13 +176,8 @@ def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, tempe
     model, tokenizer = load_unquantized(base_name, adapter, who="generate")
     if torch.cuda.is_available():
         model = model.to("cuda")
-    if seed is not None:
-        from transformers import set_seed
-
-        set_seed(seed)
     responses = QualitativeEvaluator(model, tokenizer).generate(
-        list(prompts), max_length=max_new_tokens, num_beams=num_beams, do_sample=do_sample,
-        temperature=temperature, top_p=top_p, repetition_penalty=repetition_penalty)
+        list(prompts), max_length=max_new_tokens, repetition_penalty=repetition_penalty, seed=seed, **decoding)
     if as_json:
         click.echo(json.dumps([{"prompt": p, "response": r} for p, r in zip(prompts, responses)],
                               indent=2, ensure_ascii=False))

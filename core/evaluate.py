@@ -13,7 +13,7 @@ from pathlib import Path
 from typing import Any, Iterable
 
 from ftk.components import METRIC_INPUTS
-from ftk.defaults import schema_default, section_defaults
+from ftk.defaults import schema_default, section, section_defaults
 from ftk.errors import FtkError
 
 log = logging.getLogger("ftk.evaluate")
@@ -29,6 +29,20 @@ def _device(model):
         import torch
 
         return torch.device("cpu")
+
+
+@contextlib.contextmanager
+def _seeded(seed: int | None, device):
+    """torch seeded with ``seed`` inside the block (nothing when None); the caller's random state comes back."""
+    if seed is None:
+        yield
+        return
+    import torch
+
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    with torch.random.fork_rng(devices=cuda):
+        torch.manual_seed(seed)
+        yield
 
 
 @contextlib.contextmanager
@@ -107,11 +121,21 @@ class QualitativeEvaluator:
         self._metrics: dict[str, Any] = {}
 
     # ids in, ids out; the text methods wrap this
-    def generate_ids(self, prompts: list[str], max_length: int = 256, temperature: float = 0.7,
-                     top_p: float = 0.9, num_beams: int = 4, do_sample: bool = False,
-                     repetition_penalty: float = 1.0, batch_size: int = 8, **kwargs) -> list[list[int]]:
+    def generate_ids(self, prompts: list[str], max_length: int = 256, temperature: float | None = None,
+                     top_p: float | None = None, num_beams: int | None = None, do_sample: bool | None = None,
+                     repetition_penalty: float = 1.0, batch_size: int = 8, seed: int | None = None,
+                     **kwargs) -> list[list[int]]:
+        """Beam search, greedy decoding or sampling by the one rule of ``ftk.generation.resolve_decoding``
+        (docs/evaluation.md, "Generation settings"): unset, 4-beam search; ``temperature`` or ``top_p`` alone
+        samples; a combination that would be ignored raises FtkError naming the keyword. ``seed``: torch's
+        random state for this call (the caller's state is left as it was), so sampling is reproducible."""
         import torch
 
+        from ftk.generation import API, SAMPLING_EXTRAS, resolve_decoding
+
+        decoding = resolve_decoding({"do_sample": do_sample, "num_beams": num_beams, "temperature": temperature,
+                                     "top_p": top_p, **{k: kwargs.pop(k) for k in SAMPLING_EXTRAS if k in kwargs}},
+                                    API)
         tok = self.tokenizer
         eos = tok.eos_token_id
         gen_eos = getattr(getattr(self.model, "generation_config", None), "eos_token_id", None)
@@ -123,17 +147,14 @@ class QualitativeEvaluator:
         if limit and max_length >= limit:
             raise FtkError(f"generation: max_new_tokens {max_length} must be below the model's context "
                            f"length {limit}")
-        gen_kwargs = dict(max_new_tokens=max_length, num_beams=num_beams, do_sample=do_sample,
-                          repetition_penalty=repetition_penalty, pad_token_id=pad, use_cache=True,
-                          eos_token_id=gen_eos if gen_eos is not None else eos)
-        if do_sample:  # temperature/top_p only mean something when sampling (transformers warns otherwise)
-            gen_kwargs.update(temperature=temperature, top_p=top_p)
+        gen_kwargs = dict(max_new_tokens=max_length, **decoding, repetition_penalty=repetition_penalty,
+                          pad_token_id=pad, use_cache=True, eos_token_id=gen_eos if gen_eos is not None else eos)
         gen_kwargs.update(kwargs)
         device = _device(self.model)
         out: list[list[int]] = []
         # Left padding, done here rather than by the tokenizer so its padding_side and pad token are
         # never changed: the new tokens then follow every prompt directly.
-        with _eval_mode(self.model):
+        with _eval_mode(self.model), _seeded(seed, device):
             for start in range(0, len(prompts), batch_size):
                 rows = [self._prompt_ids(p, limit, max_length) for p in prompts[start:start + batch_size]]
                 width = max(len(r) for r in rows)
@@ -157,15 +178,18 @@ class QualitativeEvaluator:
             raise FtkError(f"generation: prompt {prompt[:40]!r} tokenizes to nothing")
         return ids
 
-    def generate(self, prompts: list[str], max_length: int = 256, temperature: float = 0.7, top_p: float = 0.9,
-                 num_beams: int = 4, do_sample: bool = False, **kwargs) -> list[str]:
-        """Only the new text of each prompt, cut at EOS."""
+    def generate(self, prompts: list[str], max_length: int = 256, temperature: float | None = None,
+                 top_p: float | None = None, num_beams: int | None = None, do_sample: bool | None = None,
+                 **kwargs) -> list[str]:
+        """Only the new text of each prompt, cut at EOS. Decoding as in :meth:`generate_ids`."""
         ids = self.generate_ids(list(prompts), max_length=max_length, temperature=temperature, top_p=top_p,
                                 num_beams=num_beams, do_sample=do_sample, **kwargs)
         return [self.tokenizer.decode(r, skip_special_tokens=True) for r in ids]
 
-    def generate_response(self, prompt: str, max_length: int = 256, temperature: float = 0.7,
-                          top_p: float = 0.9, num_beams: int = 4, do_sample: bool = False, **kwargs) -> str:
+    def generate_response(self, prompt: str, max_length: int = 256, temperature: float | None = None,
+                          top_p: float | None = None, num_beams: int | None = None, do_sample: bool | None = None,
+                          **kwargs) -> str:
+        """One prompt's new text; ``temperature=0.7`` alone samples (see :meth:`generate_ids`)."""
         return self.generate([prompt], max_length=max_length, temperature=temperature, top_p=top_p,
                              num_beams=num_beams, do_sample=do_sample, **kwargs)[0]
 
@@ -338,14 +362,23 @@ def _declared(metric) -> list[str] | None:
 
 
 def generation_settings(recipe: dict) -> dict:
+    """The recipe's ``evaluation.generation`` over the schema's defaults (the decoding keys stay unset unless
+    given), plus ``seed``: the recipe's ``training.seed``, which seeds sampling so that two evaluations of the
+    same model give the same text."""
     gen = dict(GENERATION_DEFAULTS)
     gen.update((recipe.get("evaluation") or {}).get("generation") or {})
+    gen["seed"] = section(recipe, "training")["seed"]
     return gen
 
 
 def _gen_call_kwargs(gen: dict) -> dict:
-    kw = dict(gen)
+    """``QualitativeEvaluator.generate`` keywords for :func:`generation_settings`' dict: the decoding resolved by
+    the one rule (a refusal names ``evaluation.generation.KEY``), ``max_new_tokens`` as ``max_length``."""
+    from ftk.generation import DECODING_KEYS, RECIPE, resolve_decoding
+
+    kw = {k: v for k, v in gen.items() if k not in DECODING_KEYS}
     kw["max_length"] = kw.pop("max_new_tokens")
+    kw.update(resolve_decoding(gen, RECIPE))
     return kw
 
 

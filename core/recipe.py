@@ -15,6 +15,7 @@ import jsonschema
 
 from ftk.defaults import section_defaults
 from ftk.errors import FtkError
+from ftk.generation import recipe_errors
 
 # (section path, key holding the component name, kind) for the component-bearing objects.
 _COMPONENT_SLOTS = (
@@ -226,6 +227,8 @@ def _semantic_checks(recipe: dict) -> list[str]:
     if isinstance(vs, (int, float)) and not isinstance(vs, bool) and vs >= 1 and vs != int(vs):
         out.append(f"data.validation_size: {vs} must be a fraction below 1 or a whole count")
     out.extend(_missing_trackers(tr.get("report_to")))
+    ev = recipe.get("evaluation")
+    out.extend(recipe_errors(ev.get("generation") if isinstance(ev, dict) else None))  # settings one would ignore
     return out
 
 

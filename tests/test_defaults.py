@@ -10,7 +10,7 @@ import pytest
 
 from conftest import ROOT
 from ftk import api
-from ftk.defaults import schema_default, section_defaults
+from ftk.defaults import schema_default, schema_node, section_defaults
 from ftk.tables import format_columns
 
 # dataclass -> (recipe section, {field: schema path} where the path is not "<section>.<field>")
@@ -78,11 +78,12 @@ def test_generate_options_are_the_recipe_generation_defaults():
     from ftk.cmd_eval import generate
 
     gen = section_defaults("evaluation.generation")
+    keys = schema_node("evaluation.generation")["properties"]
     params = generate.make_context("generate", ["a prompt"]).params  # what a bare call gets
-    opts = {k: v for k, v in params.items() if k in gen}
+    opts = {k: v for k, v in params.items() if k in keys}
     assert set(opts) == {"max_new_tokens", "num_beams", "do_sample", "temperature", "top_p", "repetition_penalty"}
-    for name, default in opts.items():
-        assert default == gen[name], name
+    for name, default in opts.items():  # a key the schema leaves unset (the decoding rule's) is unset here too
+        assert default == gen.get(name), name
 
 
 def test_code_defaults_are_the_schemas():
@@ -91,14 +92,15 @@ def test_code_defaults_are_the_schemas():
     gen = section_defaults("evaluation.generation")
     assert evaluate.GENERATION_DEFAULTS == gen
     assert evaluate.DEFAULT_METRICS == schema_default("evaluation.metrics")
-    assert evaluate.generation_settings({}) == gen
-    # the evaluator's keyword defaults (public signatures keep their literals) say the same
+    assert evaluate.generation_settings({}) == {**gen, "seed": schema_default("training.seed")}
+    # the evaluator's keyword defaults (public signatures keep their literals) say the same; the decoding keys
+    # the schema leaves unset (ftk.generation's rule decides) are None
     names = {"max_length": "max_new_tokens", "temperature": "temperature", "top_p": "top_p",
              "num_beams": "num_beams", "do_sample": "do_sample"}
     for meth in ("generate", "generate_ids", "generate_response"):
         params = inspect.signature(getattr(evaluate.QualitativeEvaluator, meth)).parameters
         for arg, key in names.items():
-            assert params[arg].default == gen[key], f"QualitativeEvaluator.{meth}({arg}=)"
+            assert params[arg].default == gen.get(key), f"QualitativeEvaluator.{meth}({arg}=)"
 
 
 def _schema_scalar_defaults(manager) -> dict[str, list]:
@@ -148,7 +150,7 @@ def test_no_fallback_drifts_from_the_schema(fresh_manager):
 
 def test_schema_default_paths():
     assert schema_default("data.datasets[].weight") == 1.0
-    assert schema_default("evaluation.generation.num_beams") == 4
+    assert schema_default("evaluation.generation.max_new_tokens") == 256
     first = schema_default("training.report_to")
     first.append("x")
     assert schema_default("training.report_to") == ["tensorboard"]  # a copy each time
@@ -156,6 +158,8 @@ def test_schema_default_paths():
         schema_default("training.nope")
     with pytest.raises(KeyError, match="gives no default"):
         schema_default("model.name")
+    with pytest.raises(KeyError, match="gives no default"):  # unset: the decoding rule decides
+        schema_default("evaluation.generation.num_beams")
 
 
 # -- the one table formatter ------------------------------------------------------------------------

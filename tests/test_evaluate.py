@@ -162,6 +162,57 @@ def test_sampling_uses_temperature_and_is_seeded(model, tok):
     assert a == b and a != greedy
 
 
+def sampled_generate(model, tok, prompt, seed, **kw):
+    """transformers' own sampling under ``torch.manual_seed(seed)``, cut at EOS as ftk cuts it."""
+    enc = tok(prompt, return_tensors="pt")
+    torch.manual_seed(seed)
+    row = model.generate(**enc, do_sample=True, pad_token_id=tok.eos_token_id, **kw)[0, enc.input_ids.shape[1]:]
+    row = row.tolist()
+    return tok.decode(row[:row.index(tok.eos_token_id)] if tok.eos_token_id in row else row,
+                      skip_special_tokens=True)
+
+
+def test_temperature_alone_samples_as_transformers_does(model, tok):
+    """The specification's call, generate_response(prompt, max_length=N, temperature=0.7), samples at 0.7."""
+    qe = QualitativeEvaluator(model, tok)
+    got = {s: qe.generate_response(PROMPTS[0], max_length=25, temperature=0.7, seed=s) for s in (1, 2, 3)}
+    for s, text in got.items():
+        assert text == sampled_generate(model, tok, PROMPTS[0], s, temperature=0.7, max_new_tokens=25)
+    assert len(set(got.values())) == 3  # each seed its own sample
+    beam = tok.decode(plain_generate(model, tok, PROMPTS[0], num_beams=4, max_new_tokens=25), skip_special_tokens=True)
+    assert qe.generate_response(PROMPTS[0], max_length=25) == beam  # nothing given: the deterministic default
+    assert beam not in got.values()
+    # top_p alone samples too (temperature 1.0); temperature 0 is greedy decoding
+    assert qe.generate_response(PROMPTS[0], max_length=25, top_p=0.8, seed=4) == sampled_generate(
+        model, tok, PROMPTS[0], 4, top_p=0.8, temperature=1.0, max_new_tokens=25)
+    greedy = tok.decode(plain_generate(model, tok, PROMPTS[0], num_beams=1, max_new_tokens=25),
+                        skip_special_tokens=True)
+    assert qe.generate_response(PROMPTS[0], max_length=25, temperature=0) == greedy
+
+
+def test_num_beams_with_sampling_is_transformers_beam_sampling(model, tok):
+    qe = QualitativeEvaluator(model, tok)
+    got = qe.generate_response(PROMPTS[1], max_length=20, temperature=0.9, num_beams=3, seed=5)
+    assert got == sampled_generate(model, tok, PROMPTS[1], 5, temperature=0.9, num_beams=3, max_new_tokens=20)
+    assert got != qe.generate_response(PROMPTS[1], max_length=20, temperature=0.9, num_beams=1, seed=5)
+
+
+def test_api_refuses_a_keyword_it_would_ignore(model, tok):
+    qe = QualitativeEvaluator(model, tok)
+    with pytest.raises(FtkError, match=r"^temperature=: only applies when sampling, but do_sample=False; drop one$"):
+        qe.generate_response(PROMPTS[0], max_length=5, temperature=0.7, do_sample=False)
+    with pytest.raises(FtkError, match=r"^top_k=: only applies when sampling, but do_sample=False; drop one$"):
+        qe.generate(PROMPTS, max_length=5, do_sample=False, top_k=5)
+
+
+def test_a_seed_leaves_the_callers_random_state_alone(model, tok):
+    qe = QualitativeEvaluator(model, tok)
+    torch.manual_seed(0)
+    state = torch.get_rng_state()
+    qe.generate_response(PROMPTS[0], max_length=5, temperature=0.7, seed=9)
+    assert torch.equal(torch.get_rng_state(), state)
+
+
 def test_compute_bleu_and_rouge_follow_the_reference_packages(model, tok):
     qe = QualitativeEvaluator(model, tok)
     refs, hyps = ["the cat sat on the mat", "a dog ran"], ["the cat sat on a mat", "dogs were running"]
@@ -250,6 +301,31 @@ def test_evaluate_run_without_adapter_is_base_only(model, tok, manager, tmp_path
         evaluate_run(model, tok, prepared, run_recipe(["bleu"]), manager, tmp_path)
 
 
+def test_sampled_evaluation_is_reproducible(model, tok, manager, tmp_path):
+    """A run's evaluation seeds torch with training.seed right before generating: two evaluations of the same
+    model give the same text, whatever the random state before; another seed, another sample."""
+    prepared = PreparedData(train=None, validation=None, collator=collate, eval_pairs=TEXTS[:3])
+
+    def texts(seed, **gen):
+        recipe = {"training": {"seed": seed},
+                  "evaluation": {"metrics": ["bleu"], "max_samples": 3, "compare_base": False,
+                                 "generation": {"max_new_tokens": 20, **gen}}}
+        torch.rand(int(torch.randint(1, 50, ())))  # whatever happened before must not matter
+        return [s["base"] for s in evaluate_run(model, tok, prepared, recipe, manager, None)["samples"]]
+
+    first = texts(7, temperature=0.8)
+    assert texts(7, temperature=0.8) == first
+    assert texts(8, temperature=0.8) != first
+    prompts = [p for p, _ in TEXTS[:3]]  # the seed is training.seed, as the API's seed= keyword takes it
+    assert first == QualitativeEvaluator(model, tok).generate(prompts, max_length=20, temperature=0.8, seed=7)
+    beam = [tok.decode(plain_generate(model, tok, p, num_beams=4, max_new_tokens=20), skip_special_tokens=True)
+            for p, _ in TEXTS[:3]]
+    assert texts(7) == texts(8) == beam  # not sampling: the seed changes nothing
+    with pytest.raises(FtkError, match=r"^evaluation\.generation\.top_p: only applies when sampling, but "
+                                       r"evaluation\.generation\.do_sample is false; drop one$"):
+        texts(7, top_p=0.5, do_sample=False)  # a recipe that skipped load_recipe: same rule, same naming
+
+
 def test_two_metrics_reporting_one_key_is_an_error(model, tok, manager, tmp_path):
     prepared = PreparedData(train=None, validation=None, collator=collate, eval_pairs=TEXTS[:1])
     recipe = run_recipe(["bleu", {"name": "char_ratio", "key": "bleu"}], generation={"max_new_tokens": 2})
@@ -299,6 +375,20 @@ def test_generate_command_prints_greedy_text(model, tok):
     expected = tok.decode(plain_generate(model, tok, PROMPTS[0], num_beams=1, max_new_tokens=20),
                           skip_special_tokens=True)
     assert res.stdout == expected + "\n"  # weight-loading progress goes to stderr
+
+
+def test_generate_command_temperature_samples_like_the_api(model, tok):
+    from click.testing import CliRunner
+
+    from ftk.cmd_eval import generate
+
+    args = ["--base", str(MODEL_DIR), "--max-new-tokens", "20", "--temperature", "0.8", "--seed", "3", PROMPTS[0]]
+    res = CliRunner().invoke(generate, args, catch_exceptions=False)
+    assert res.exit_code == 0
+    expected = sampled_generate(model, tok, PROMPTS[0], 3, temperature=0.8, max_new_tokens=20)
+    assert res.stdout == expected + "\n"
+    assert expected == QualitativeEvaluator(model, tok).generate_response(PROMPTS[0], max_length=20,
+                                                                          temperature=0.8, seed=3)
 
 
 def test_command_help_and_usage_errors():
