@@ -164,8 +164,23 @@ def recipe_summary(recipe: dict) -> list[str]:
     if ev:
         names = [m["name"] if isinstance(m, dict) else m for m in ev.get("metrics") or []]
         lines.append(f"- **Evaluation**: metrics {', '.join(names)}; max_samples {ev.get('max_samples')}; "
-                     f"generation {json.dumps(ev.get('generation') or {}, sort_keys=True)}")
+                     f"generation {json.dumps(ev.get('generation') or {}, sort_keys=True)} "
+                     f"({_decoding(ev.get('generation') or {})})")
     return lines
+
+
+def _decoding(gen: dict) -> str:
+    """What the generation settings resolved to: beam search, greedy or sampling (one rule: ftk.generation)."""
+    from ftk.errors import FtkError
+    from ftk.generation import resolve_decoding
+
+    try:
+        d = resolve_decoding(gen)
+    except FtkError:  # a recipe written before the rule: say so rather than fail the report
+        return "decoding not resolvable"
+    if d["do_sample"]:
+        return f"sampling at temperature {d['temperature']}, top_p {d['top_p']}, {d['num_beams']} beam(s)"
+    return "greedy" if d["num_beams"] == 1 else f"beam search, {d['num_beams']} beams"
 
 
 def write_report(output_dir, recipe: dict, metrics: dict, manager=None) -> Path:

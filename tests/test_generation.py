@@ -195,3 +195,15 @@ def test_the_cli_help_and_docs_point_to_the_rule():
     out = CliRunner().invoke(generate, ["--help"]).output
     assert "--do-sample / --no-sample" in out and "--temperature" in out and "--top-p" in out
     assert re.search(r"\(evaluation\.md, \"Generation settings\"\)", (ROOT / "docs" / "cli.md").read_text())
+
+
+def test_the_report_says_what_the_settings_resolved_to():
+    from ftk.report import recipe_summary
+
+    def line(gen):
+        r = {"evaluation": {"metrics": ["bleu"], "max_samples": 2, "generation": gen}}
+        return next(x for x in recipe_summary(r) if x.startswith("- **Evaluation**"))
+
+    assert line({}).endswith("(beam search, 4 beams)")
+    assert line({"temperature": 0.7}).endswith("(sampling at temperature 0.7, top_p 1.0, 1 beam(s))")
+    assert line({"temperature": 0}).endswith("(greedy)")
