@@ -24,7 +24,8 @@ def _prepare(recipe_path: str, overrides, reuse: bool = True):
 
 
 def preview_items(prepared, tokenizer, n: int) -> list[dict]:
-    """The first n training examples as the model sees them (after truncation), one per item."""
+    """The first n training examples as the model sees them (after truncation), one per item;
+    ``pretokenized``: the loader gave the example's ids itself (``Example.token_ids``)."""
     import numpy as np
 
     from ftk.data import IGNORE
@@ -36,8 +37,11 @@ def preview_items(prepared, tokenizer, n: int) -> list[dict]:
         b = min(b, a + int(prepared.stats["settings"]["max_length"]))
         ids = blk.ids[a:b].tolist()
         labels = np.where(blk.mask[a:b] > 0, blk.ids[a:b], IGNORE).tolist()
+        part = ref.name.rsplit("#", 1)[0]
+        example = prepared.examples[part][i]  # train refs index their dataset's examples as loaded
         out.append({"text": tokenizer.decode(ids, skip_special_tokens=False), "input_ids": ids, "labels": labels,
-                    "source": ref.name.rsplit("#", 1)[0].split("[")[0], "example": ref.name})
+                    "source": part.split("[")[0], "example": ref.name,
+                    "pretokenized": example.token_ids is not None})
     return out
 
 
@@ -73,7 +77,8 @@ def data():
 @data.command("preview")
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-n", "n", type=click.IntRange(min=1), default=3, show_default=True, help="Examples to show.")
-@click.option("--json", "as_json", is_flag=True, help="Print [{text, input_ids, labels, source}, ...].")
+@click.option("--json", "as_json", is_flag=True,
+              help="Print [{text, input_ids, labels, source, example, pretokenized}, ...].")
 @set_option
 def preview(recipe, n, as_json, overrides):
     """The first N training examples exactly as the model sees them. Masked (untrained) tokens are
@@ -86,7 +91,8 @@ def preview(recipe, n, as_json, overrides):
     color = sys.stdout.isatty()
     for it in items:
         trained = sum(lab != -100 for lab in it["labels"])
-        click.echo(f"=== {it['example']} ({it['source']}): {len(it['input_ids'])} tokens, {trained} trained")
+        kind = ", pre-tokenized" if it["pretokenized"] else ""
+        click.echo(f"=== {it['example']} ({it['source']}{kind}): {len(it['input_ids'])} tokens, {trained} trained")
         click.echo(render_masked(tok, it["input_ids"], it["labels"], color))
         click.echo("")
 

@@ -4,7 +4,8 @@ A dataset loader returns :class:`LoadedData`: lists of :class:`Example` per spli
 already rendered to text segments, each marked trainable or not, so the core can tokenize once,
 mask labels exactly, pack, and show the user what the model sees. Loaders that produce
 conversations also fill ``messages`` so a recipe can choose ``"template": "chat"`` and render with the
-tokenizer's own chat template instead.
+tokenizer's own chat template instead. An example may instead come already tokenized
+(``Example.token_ids``, optionally ``token_labels``): the core then uses those ids as they are.
 """
 from __future__ import annotations
 
@@ -23,7 +24,7 @@ class Segment:
 
 @dataclass
 class Example:
-    segments: list[Segment]
+    segments: list[Segment] = field(default_factory=list)
     source: str = ""  # loader name, filled by the core
     # The generation-eval view: a prompt to complete and the reference continuation.
     prompt: str | None = None
@@ -31,6 +32,15 @@ class Example:
     # Conversation form, for chat templates: [{"role": "system"|"user"|"assistant", "content": str}]
     messages: list[dict] | None = None
     meta: dict[str, Any] = field(default_factory=dict)  # e.g. record index, dialogue acts/emotions
+    # Already tokenized (since 0.1.0; both None for text examples): the ids the model sees, used as they
+    # are instead of tokenizing ``segments`` (which are then ignored and may be empty): ftk adds no BOS or
+    # EOS and applies no template. ``token_labels``, one per id: the id itself (trained) or -100 (not
+    # trained); None trains every token. As for every example, the first token is never trained (nothing
+    # predicts it); truncation, packing and the cache apply as to any example. Build one with
+    # ``ftk.loaderkit.tokenized_example``, which checks the ids; the core checks them again against the
+    # tokenizer's vocabulary. Such an example has no ``prompt``/``reference`` for generation metrics.
+    token_ids: list[int] | None = None
+    token_labels: list[int] | None = None
 
     @property
     def text(self) -> str:

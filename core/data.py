@@ -3,8 +3,10 @@
 Each step has its own module; this one runs them in order for a recipe:
 ``ftk.loaderkit`` (what loaders are written with; its names are importable from here too),
 ``ftk.tokens`` (examples -> token ids and label masks), ``ftk.rows`` (rows, packing, the collator) and
-``ftk.datacache`` (tokenized examples and finished rows kept between runs). Only the standard library
-and numpy are imported at module level; torch/transformers/datasets load inside functions.
+``ftk.datacache`` (tokenized examples and finished rows kept between runs). An example may come already
+tokenized (``Example.token_ids``): it skips rendering and tokenizing, and is truncated, split, mixed,
+packed and cached like any other. Only the standard library and numpy are imported at module level;
+torch/transformers/datasets load inside functions.
 """
 from __future__ import annotations
 
@@ -24,6 +26,7 @@ from ftk.loaderkit import (  # noqa: F401 - the loader helpers' old home: ftk.da
     ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DEFAULT_SPEAKERS, BadRecord, RecordPolicy, check_messages, check_path,
     conversation_example, decode_utf8, detect_format, example_from_row, field_str, file_fingerprint,
     instruction_example, iter_records, load_hub, loader_from_class, merge_segments, read_text, split_template,
+    tokenized_example,
 )
 from ftk.rows import IGNORE, Collator, Ref, build_rows, padding_waste, ref_spans
 from ftk.tokens import TokenBlock, prepare_tokenizer, render_chat, tokenize_examples, tokenizer_fingerprint
@@ -75,18 +78,27 @@ def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedD
 
 def _render(examples: Iterable[Example], entry: dict, tokenizer, where: str, start: int = 0) -> list[Example]:
     """Apply the entry's chat template where asked and check each example has trainable text;
-    ``start`` is the index of the first example (a later chunk of a stream)."""
+    ``start`` is the index of the first example (a later chunk of a stream). An already-tokenized
+    example is taken as it is, its ids checked against the tokenizer's vocabulary."""
     out = []
+    vocab_size = len(tokenizer)
     for j, ex in enumerate(examples, start):
-        if entry.get("template") == "chat":
-            if not ex.messages:
-                raise DataError(f"{where}: loader {entry['loader']!r} gives no conversation form for example {j}; "
-                                f"template 'chat' needs one")
-            ex2 = render_chat(tokenizer, ex.messages, f"{where} example {j}")
-            ex2.meta = ex.meta
-            ex = ex2
-        if not any(s.train and s.text for s in ex.segments):
-            raise DataError(f"{where} example {j}: no trainable text (loader {entry['loader']!r})")
+        if ex.token_ids is not None:  # taken as it is: no template, ids checked (any loader may give one)
+            try:
+                checked = tokenized_example(ex.token_ids, ex.token_labels, vocab_size=vocab_size)
+            except BadRecord as e:
+                raise DataError(f"{where} example {j}: {e.message} (loader {entry['loader']!r})") from None
+            ex.token_ids, ex.token_labels = checked.token_ids, checked.token_labels
+        else:
+            if entry.get("template") == "chat":
+                if not ex.messages:
+                    raise DataError(f"{where}: loader {entry['loader']!r} gives no conversation form for example "
+                                    f"{j}; template 'chat' needs one")
+                ex2 = render_chat(tokenizer, ex.messages, f"{where} example {j}")
+                ex2.meta = ex.meta
+                ex = ex2
+            if not any(s.train and s.text for s in ex.segments):
+                raise DataError(f"{where} example {j}: no trainable text (loader {entry['loader']!r})")
         ex.source = entry["loader"]
         out.append(ex)
     return out

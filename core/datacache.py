@@ -26,11 +26,17 @@ def cache_root(data_cfg: dict) -> Path:
 
 
 def examples_digest(examples: list[Example]) -> str:
+    """What tokenization sees of the examples: segment texts and flags, or an already-tokenized
+    example's ids and labels (so a changed id or label is a cache miss)."""
     h = hashlib.sha256()
     for ex in examples:
-        for s in ex.segments:
-            h.update(b"\x01" if s.train else b"\x00")
-            h.update(s.text.encode("utf-8", "surrogatepass"))
+        if ex.token_ids is not None:
+            h.update(b"\x03" + len(ex.token_ids).to_bytes(8, "little") + np.asarray(ex.token_ids, np.int64).tobytes())
+            h.update(b"\x04" if ex.token_labels is None else b"\x05" + np.asarray(ex.token_labels, np.int64).tobytes())
+        else:
+            for s in ex.segments:
+                h.update(b"\x01" if s.train else b"\x00")
+                h.update(s.text.encode("utf-8", "surrogatepass"))
         h.update(b"\x02")
     return h.hexdigest()
 

@@ -3,7 +3,8 @@
 Everything a loader needs besides the contracts in :mod:`ftk.components`: reading records from
 JSON/JSONL/CSV/TSV/Parquet files with ``file:line`` / ``file: record i`` locations, the bad-record
 policy (``on_error``: stop naming the record, or skip and count by reason), fingerprints for the data
-cache, prompt templates (Alpaca and ``{output}`` format strings) and conversation rendering.
+cache, prompt templates (Alpaca and ``{output}`` format strings), conversation rendering, and examples
+that come already tokenized (``tokenized_example``).
 The built-in loaders (``alpaca``, ``custom``, ``dailydialog``) import nothing else from ftk, so a
 third party can write any of them again. Documented in ``docs/plugins/loaderkit.md``; part of the
 versioned plugin surface (``docs/plugins/versions.md``).
@@ -31,12 +32,14 @@ __all__ = [
     "check_path", "decode_utf8", "read_text", "detect_format", "iter_records", "field_str",
     "file_fingerprint",
     "split_template", "instruction_example", "merge_segments", "conversation_example", "check_messages",
-    "example_from_row", "loader_from_class", "load_hub",
+    "tokenized_example", "example_from_row", "loader_from_class", "load_hub",
 ]
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
 DEFAULT_SPEAKERS = ("User", "Assistant")
+_IGNORE = -100  # a label that is not trained (ftk.tokens.IGNORE, not imported: that module needs numpy)
+_TEXT_FIELDS = ("instruction", "prompt", "messages", "text")  # a row with any of these is formatted by ftk
 
 
 # == files, records, bad-record policy ============================================================
@@ -308,15 +311,74 @@ def check_messages(msgs: Any) -> list[dict]:
     return out
 
 
-def example_from_row(row: dict, template: str | None = None) -> Example:
+# == already tokenized ============================================================================
+def _int_list(value: Any, name: str) -> list[int]:
+    """``value`` (a list, tuple, numpy array, tensor, ...) as a list of Python ints, or BadRecord
+    ``non_int_<name>`` naming the first element that is not an int (bools and floats are not)."""
+    if not isinstance(value, (list, tuple)) and hasattr(value, "tolist"):
+        value = value.tolist()  # numpy arrays and torch tensors, as datasets' formats return them
+    if isinstance(value, (str, bytes, dict)) or not hasattr(value, "__iter__"):
+        raise BadRecord(f"non_int_{name}", f"{name} must be a list of ints, got {type(value).__name__}")
+    out = list(value)
+    for k, x in enumerate(out):
+        if type(x) is not int:
+            if isinstance(x, bool) or not hasattr(x, "__index__"):
+                raise BadRecord(f"non_int_{name}", f"{name} must be a list of ints; {name}[{k}] is "
+                                                   f"{repr(x)[:40]} ({type(x).__name__})")
+            out[k] = x.__index__()  # a numpy integer, a 0-d integer tensor
+    return out
+
+
+def tokenized_example(input_ids: Any, labels: Any = None, attention_mask: Any = None, *,
+                      vocab_size: int | None = None) -> Example:
+    """An already-tokenized example (``Example.token_ids`` / ``token_labels``), checked.
+
+    ``input_ids``, ``labels`` and ``attention_mask`` are lists of ints or anything list-like (numpy
+    arrays, tensors). A label is its token's own id (trained) or -100 (not trained); no ``labels``
+    trains every token. Positions where ``attention_mask`` is 0 (padding) are dropped. ``vocab_size``
+    (``len(tokenizer)``) checks every id is in the vocabulary. Anything wrong is a BadRecord:
+    ``non_int_input_ids``/``non_int_labels``/``non_int_attention_mask``, ``labels_length``,
+    ``attention_mask_length``, ``bad_attention_mask`` (not 0/1), ``id_out_of_vocabulary``,
+    ``labels_not_ids``, ``empty_input_ids``, ``no_trained_tokens``. Positions in messages count the
+    lists as given."""
+    ids = _int_list(input_ids, "input_ids")
+    labs = None if labels is None else _int_list(labels, "labels")
+    mask = None if attention_mask is None else _int_list(attention_mask, "attention_mask")
+    for name, other in (("labels", labs), ("attention_mask", mask)):
+        if other is not None and len(other) != len(ids):
+            raise BadRecord(f"{name}_length", f"{name} has {len(other)} entries for {len(ids)} input_ids")
+    if mask is not None and not set(mask) <= {0, 1}:
+        raise BadRecord("bad_attention_mask", "attention_mask must hold only 0 (padding) and 1")
+    limit = float("inf") if vocab_size is None else vocab_size
+    if ids and not (min(ids) >= 0 and max(ids) < limit):
+        k = next(k for k, t in enumerate(ids) if not 0 <= t < limit)
+        within = "" if vocab_size is None else f" (0..{vocab_size - 1})"
+        raise BadRecord("id_out_of_vocabulary",
+                        f"input_ids[{k}] is {ids[k]}, outside the tokenizer's vocabulary{within}")
+    if labs is not None:
+        k = next((k for k, (t, lab) in enumerate(zip(ids, labs)) if lab != t and lab != _IGNORE), None)
+        if k is not None:
+            raise BadRecord("labels_not_ids", f"labels[{k}] is {labs[k]} but input_ids[{k}] is {ids[k]}: a label is "
+                                              f"its token's own id (trained) or -100 (not trained), not shifted")
+    if mask is not None and 0 in mask:  # the padding the user's tokenizer added
+        ids = [t for t, m in zip(ids, mask) if m]
+        labs = None if labs is None else [lab for lab, m in zip(labs, mask) if m]
+    if not ids:
+        raise BadRecord("empty_input_ids", "input_ids is empty" + (" where attention_mask is 1" if mask else ""))
+    if (len(ids) - 1 if labs is None else sum(lab != _IGNORE for lab in labs[1:])) < 1:
+        raise BadRecord("no_trained_tokens", "no token after the first is trained (the first token never is: "
+                                             "nothing predicts it)")
+    return Example(token_ids=ids, token_labels=labs)
+
+
+def example_from_row(row: dict, template: str | None = None, *, vocab_size: int | None = None) -> Example:
     """A row from a user's DatasetDict: instruction/input/output, prompt/response(completion),
-    messages, or text."""
+    messages, or text; or, without any of those, already tokenized: input_ids (labels, attention_mask),
+    see :func:`tokenized_example` (``vocab_size`` is passed to it)."""
     if not isinstance(row, dict):
         raise BadRecord("not_an_object", f"expected a row of fields, got {type(row).__name__}")
-    if "input_ids" in row and not any(k in row for k in ("instruction", "prompt", "messages", "text")):
-        raise BadRecord("pretokenized", "rows hold only input_ids; ftk tokenizes itself (so it can mask and "
-                                        "pack): return text fields (instruction/input/output, prompt/response, "
-                                        "messages or text)")
+    if "input_ids" in row and not any(k in row for k in _TEXT_FIELDS):
+        return tokenized_example(row["input_ids"], row.get("labels"), row.get("attention_mask"), vocab_size=vocab_size)
     if "messages" in row:
         return conversation_example(check_messages(row["messages"]))
     if "instruction" in row:
@@ -330,14 +392,15 @@ def example_from_row(row: dict, template: str | None = None) -> Example:
     if "text" in row:
         return Example(segments=[Segment(field_str(row, "text"), True)])
     raise BadRecord("unknown_shape", f"row has fields {sorted(row)}; expected instruction/output, "
-                                     f"prompt/response, messages or text")
+                                     f"prompt/response, messages, text or input_ids")
 
 
 def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
     """Turn a seed-style loader class into a dataset factory.
 
     ``cls(tokenizer, max_length)`` must have ``load() -> datasets.DatasetDict`` with a ``train`` split
-    (and optionally ``validation``) whose rows have text fields (see :func:`example_from_row`).
+    (and optionally ``validation``) whose rows have text fields or are already tokenized (see
+    :func:`example_from_row`; ids are checked against ``ctx.tokenizer``'s vocabulary when it is known).
     Register the result like any loader: ``register("mine", loader_from_class(MyLoader))``.
     """
 
@@ -348,12 +411,13 @@ def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
             raise DataError(f"{cls.__name__}.load(): returned splits {list(dd)}; a 'train' split is required")
         policy = RecordPolicy(ctx.on_error)
         template = options.get("template")
+        vocab_size = len(ctx.tokenizer) if ctx.tokenizer is not None else None
 
         def convert(split):
             out = []
             for i, row in enumerate(dd[split]):
                 try:
-                    out.append(example_from_row(row, template))
+                    out.append(example_from_row(row, template, vocab_size=vocab_size))
                 except BadRecord as e:
                     policy.bad(f"{cls.__name__} {split} row {i}", e)
             return out

@@ -10,9 +10,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftk.errors import DataError
-from ftk.tokens import TokenBlock
-
-IGNORE = -100  # torch cross_entropy's ignore_index: no loss on a position with this label
+from ftk.tokens import IGNORE, TokenBlock
 
 
 class FeatureRows:

@@ -1,8 +1,9 @@
 """Tokenization: examples -> token ids and a trainable-label mask per token, stored flat.
 
 Labels come from our own masks (segment char spans -> tokens via the fast tokenizer's offsets),
-never from pad ids, so the EOS a model must learn to emit is never masked. numpy is the only heavy
-import at module level.
+never from pad ids, so the EOS a model must learn to emit is never masked. Examples that come already
+tokenized (``Example.token_ids``) are taken as they are, trained where their labels say. numpy is the
+only heavy import at module level.
 """
 from __future__ import annotations
 
@@ -14,6 +15,8 @@ import numpy as np
 
 from ftk.components import Example, Segment
 from ftk.errors import DataError
+
+IGNORE = -100  # torch cross_entropy's ignore_index: no loss on a position with this label
 
 
 def prepare_tokenizer(tokenizer):
@@ -122,14 +125,16 @@ def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool 
                       progress: bool | None = None, desc: str = "tokenizing") -> TokenBlock:
     """Tokenize once with the fast tokenizer, in batches: BOS + text + EOS, mask from segment spans.
 
-    BOS/EOS are not added where the text already has them (chat templates); EOS is trainable."""
+    BOS/EOS are not added where the text already has them (chat templates); EOS is trainable. An
+    already-tokenized example keeps its ids, trained where its labels are not -100 (all without labels;
+    ``train_on_inputs`` does not change them)."""
     backend = getattr(tokenizer, "backend_tokenizer", None)
     if backend is None:
         raise DataError(f"{type(tokenizer).__name__}: ftk needs a fast (Rust) tokenizer for exact label masks")
     bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
     if eos is None:
         raise DataError(f"{type(tokenizer).__name__}: the tokenizer has no EOS token, so examples cannot end")
-    bos_s, eos_s = tokenizer.bos_token or "\0", tokenizer.eos_token or "\0"
+    specials = (bos, eos, tokenizer.bos_token or "\0", tokenizer.eos_token or "\0")
     n = len(examples)
     chunks_ids, chunks_mask, lens = [], [], np.zeros(n, np.int64)
     from tqdm.auto import tqdm
@@ -138,30 +143,17 @@ def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool 
     bar = tqdm(total=n, desc=desc, unit="ex", disable=(None if progress is None else not progress), leave=False)
     for a in range(0, n, step):
         batch = examples[a: a + step]
-        texts = [ex.text for ex in batch]
-        encs = backend.encode_batch(texts, add_special_tokens=False)
-        for j, (ex, text, enc) in enumerate(zip(batch, texts, encs)):
-            ids = enc.ids
-            add_bos = bos is not None and not text.startswith(bos_s)
-            add_eos = not text.rstrip().endswith(eos_s)
-            body = np.zeros(len(ids), np.uint8)
-            if train_on_inputs:
-                body[:] = 1
+        texts = [ex.text for ex in batch if ex.token_ids is None]
+        encs = iter(backend.encode_batch(texts, add_special_tokens=False) if texts else ())
+        for j, ex in enumerate(batch):
+            if ex.token_ids is not None:  # already tokenized: as it is
+                full = np.asarray(ex.token_ids, np.int32)
+                mask = (np.ones(len(full), np.uint8) if ex.token_labels is None
+                        else (np.asarray(ex.token_labels) != IGNORE).astype(np.uint8))
             else:
-                pos = 0
-                for seg in ex.segments:
-                    if seg.train and seg.text:
-                        r = _token_range(enc, pos, pos + len(seg.text))
-                        if r:
-                            body[r[0]: r[1] + 1] = 1
-                    pos += len(seg.text)
-            m = [np.zeros(1, np.uint8)] if add_bos else []
-            m.append(body)
-            if add_eos:
-                m.append(np.ones(1, np.uint8))
-            full = ([bos] if add_bos else []) + ids + ([eos] if add_eos else [])
-            chunks_ids.append(np.asarray(full, np.int32))
-            chunks_mask.append(np.concatenate(m))
+                full, mask = _text_tokens(ex, next(encs), train_on_inputs, specials)
+            chunks_ids.append(full)
+            chunks_mask.append(mask)
             lens[a + j] = len(full)
         bar.update(len(batch))
     bar.close()
@@ -172,3 +164,27 @@ def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool 
         mask[offsets[:-1][lens > 0]] = 0  # the first token never has a label (nothing predicts it)
     return TokenBlock(ids=ids, mask=mask, offsets=offsets)
 
+
+def _text_tokens(ex: Example, enc, train_on_inputs: bool, specials: tuple) -> tuple[np.ndarray, np.ndarray]:
+    """A text example's ids (BOS and EOS added unless the text has them) and mask, from its encoding."""
+    bos, eos, bos_s, eos_s = specials
+    text, ids = ex.text, enc.ids
+    add_bos = bos is not None and not text.startswith(bos_s)
+    add_eos = not text.rstrip().endswith(eos_s)
+    body = np.zeros(len(ids), np.uint8)
+    if train_on_inputs:
+        body[:] = 1
+    else:
+        pos = 0
+        for seg in ex.segments:
+            if seg.train and seg.text:
+                r = _token_range(enc, pos, pos + len(seg.text))
+                if r:
+                    body[r[0]: r[1] + 1] = 1
+            pos += len(seg.text)
+    m = [np.zeros(1, np.uint8)] if add_bos else []
+    m.append(body)
+    if add_eos:
+        m.append(np.ones(1, np.uint8))
+    full = ([bos] if add_bos else []) + ids + ([eos] if add_eos else [])
+    return np.asarray(full, np.int32), np.concatenate(m)
