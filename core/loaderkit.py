@@ -407,6 +407,9 @@ def loader_from_class(cls) -> Callable[[dict, DataContext], LoadedData]:
     def factory(options: dict, ctx: DataContext) -> LoadedData:
         obj = cls(ctx.tokenizer, ctx.max_length)
         dd = obj.load()
+        if not hasattr(dd, "keys") or not all(hasattr(dd[s], "__iter__") for s in dd.keys()):
+            raise DataError(f"{cls.__name__}.load(): returned {type(dd).__name__}; a datasets.DatasetDict "
+                            f"(or a dict of splits) with a 'train' split is required")
         if "train" not in dd:
             raise DataError(f"{cls.__name__}.load(): returned splits {list(dd)}; a 'train' split is required")
         policy = RecordPolicy(ctx.on_error)

@@ -113,3 +113,58 @@ def test_train_and_evaluate(tmp_path):
         want = t.model.generate(input_ids=ids, max_new_tokens=8, do_sample=False, num_beams=1)
     text = t.tokenizer.decode(want[0, ids.shape[1]:], skip_special_tokens=True)
     assert gen["predictions"][0] == text
+
+
+# -- the specification's extension objects: bad ones are one error naming them ---------------------
+class RaisingLoader:
+    def __init__(self, tokenizer, max_length):
+        pass
+
+    def load(self):
+        raise ValueError("the database is down")
+
+
+class ListLoader(RaisingLoader):
+    def load(self):
+        return [{"text": "a"}]
+
+
+class RaisingMetric:
+    def compute_metric(self, predictions, references):
+        raise ZeroDivisionError("division by zero")
+
+
+class TextMetric:
+    def compute_metric(self, predictions, references):
+        return "good"
+
+
+def _spec_trainer(tmp_path, datasets, metrics=("perplexity",)):
+    return LLAMATrainer(model_config=ModelConfig(model_name=str(MODEL_DIR), use_4bit=True),
+                        data_config=DataConfig(datasets=list(datasets), max_length=64, validation_size=4),
+                        training_config=TrainingConfig(max_steps=1, report_to=["none"]),
+                        eval_config=EvalConfig(metrics=list(metrics), max_samples=2, compare_base=False,
+                                               generation={"max_new_tokens": 4}),
+                        output_dir=str(tmp_path / "out"))
+
+
+def test_a_failing_or_wrong_loader_class_is_one_error_naming_it(tmp_path):
+    from ftk.errors import DataError, PluginFailure
+
+    with pytest.raises(PluginFailure, match=r"plugin 'local:dataset:RaisingLoader' \(local\), dataset 'RaisingLoader', "
+                                            r"while loading data: ValueError: the database is down"):
+        _spec_trainer(tmp_path, [RaisingLoader]).train()
+    with pytest.raises(DataError, match=r"ListLoader.load\(\): returned list; a datasets.DatasetDict"):
+        _spec_trainer(tmp_path, [ListLoader]).train()
+    with pytest.raises(FtkError, match=r"DataConfig.datasets: .* is neither a"):
+        _spec_trainer(tmp_path, [object()])
+
+
+def test_a_failing_or_wrong_metric_object_is_one_error_naming_it(tmp_path):
+    from ftk.errors import PluginFailure
+
+    data = [{"loader": "alpaca", "path": str(ALPACA), "max_examples": 16}]
+    with pytest.raises(PluginFailure, match=r"plugin 'local:metric:RaisingMetric' .*ZeroDivisionError"):
+        _spec_trainer(tmp_path, data, ["perplexity", RaisingMetric()]).evaluate()
+    with pytest.raises(FtkError, match=r"TextMetric.compute_metric: returned str 'good'; a number is required"):
+        _spec_trainer(tmp_path, data, [TextMetric()]).evaluate()
