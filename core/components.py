@@ -48,8 +48,25 @@ class Example:
 
 
 @dataclass
+class PreferencePair:
+    """One preference record (since 0.1.0): what a loader yields for trainers of the ``"pairs"`` data form
+    (DPO, ORPO, KTO). Text form: ``prompt``, ``chosen`` and ``rejected`` are strings, each response
+    continuing the prompt directly. Conversational form (TRL's): ``prompt`` is a list of
+    ``{"role", "content"}`` messages up to the response, ``chosen``/``rejected`` lists holding the response
+    message (role ``"assistant"``). The core renders (ftk's conversation format, or the tokenizer's chat
+    template with ``"template": "chat"``), tokenizes and truncates it."""
+
+    prompt: str | list[dict]
+    chosen: str | list[dict]
+    rejected: str | list[dict]
+    source: str = ""  # loader name, filled by the core
+    meta: dict[str, Any] = field(default_factory=dict)  # e.g. record index
+
+
+@dataclass
 class LoadedData:
-    train: Iterable[Example]  # list, or an iterator in streaming mode
+    # Examples (or PreferencePairs, for the "pairs" data form): a list, or an iterator in streaming mode
+    train: Iterable[Example]
     validation: list[Example] | None = None  # the dataset's own split when it has one
     skipped: dict[str, int] = field(default_factory=dict)  # reason -> count (on_error: skip)
     fingerprint: str = ""  # identifies the source data (for caching and the run manifest)
@@ -132,6 +149,8 @@ class Metric(Protocol):
 
     - ``"text"``: ``compute(predictions=list[str], references=list[str]) -> dict[str, float]``
     - ``"loss"``: ``compute(nll_sum=float, token_count=int) -> dict[str, float]`` (token-weighted)
+    - ``"pairs"``: ``compute(chosen_logps=, rejected_logps=, ref_chosen_logps=, ref_rejected_logps=)``
+      (lists of floats, see ``METRIC_INPUTS``) -> dict[str, float]
     """
 
     requires: str
@@ -140,7 +159,10 @@ class Metric(Protocol):
 
 
 # What the evaluator can supply to a metric (``Metric.requires``, ``MetricInfo.requires``).
-METRIC_INPUTS = ("text", "loss")
+# "pairs" (since 0.1.0): ``compute(chosen_logps=, rejected_logps=, ref_chosen_logps=, ref_rejected_logps=)``,
+# lists of floats, one per validation pair: the summed log-probability of each response under the scored
+# model and under the reference (the base: adapter disabled; scoring the base, both are the base's).
+METRIC_INPUTS = ("text", "loss", "pairs")
 
 
 @dataclass(frozen=True)
@@ -173,10 +195,14 @@ class MetricInfo:
         return hib.get(key) if isinstance(hib, dict) else hib
 
 
-# What a training method can ask the core to prepare (``TrainerPlan.data``): "rows" is what
-# ``ftk.data`` builds from the loaders' examples (tokenized, labels masked, optionally packed), handed
-# over as :class:`PreparedData`.
-DATA_FORMS = ("rows",)
+# What a training method can ask the core to prepare (``TrainerPlan.data``), handed over as
+# :class:`PreparedData`:
+# - "rows": ``ftk.data`` builds them from the loaders' examples (tokenized, labels masked, optionally packed);
+# - "pairs" (since 0.1.0): from the loaders' PreferencePairs, one dict per pair ``{"prompt_ids",
+#   "chosen_ids", "rejected_ids"}`` (the prompt starts with BOS, each response ends with EOS; to fit
+#   data.max_length the prompt loses its start and the responses their end), no packing. The trainer
+#   brings its own collator for them.
+DATA_FORMS = ("rows", "pairs")
 
 
 @dataclass
@@ -225,10 +251,11 @@ class PreparedData:
 
     train: Any
     validation: Any
-    collator: Callable
+    collator: Callable  # for "pairs": collates validation_unpacked (prompt + chosen rows, for perplexity)
     eval_pairs: list[tuple[str, str]] = field(default_factory=list)
     validation_unpacked: Any = None
     stats: dict = field(default_factory=dict)
     fingerprint: str = ""
     source_files: list = field(default_factory=list)  # [path, size, mtime_ns] of files loaders declared
     reusable: bool = True  # every loader's data may be served from the prepared-rows cache
+    form: str = "rows"  # which of DATA_FORMS train/validation hold
