@@ -45,6 +45,21 @@ def preview_items(prepared, tokenizer, n: int) -> list[dict]:
     return out
 
 
+def preview_pairs(prepared, tokenizer, n: int) -> list[dict]:
+    """The first n training pairs as the model sees them (after truncation): the ids the trainer gets, the
+    prompt and each response decoded, token counts and whether the pair was truncated."""
+    out = []
+    for ref, feats in zip(prepared.train_refs[:n], prepared.train):
+        part = ref.name.rsplit("#", 1)[0]
+        full = int(ref.block.offsets[3 * ref.idx + 3] - ref.block.offsets[3 * ref.idx])
+        kept = sum(len(v) for v in feats.values())
+        out.append({"example": ref.name, "source": part.split("[")[0], **feats,
+                    **{k: tokenizer.decode(feats[f"{k}_ids"], skip_special_tokens=False)
+                       for k in ("prompt", "chosen", "rejected")},
+                    "truncated": kept < full})
+    return out
+
+
 def render_masked(tokenizer, ids: list[int], labels: list[int], color: bool) -> str:
     """Decoded text with masked (untrained) spans bracketed as [[...]] (and dimmed on a terminal)."""
     out, run, run_trained = [], [], None
@@ -78,23 +93,39 @@ def data():
 @click.argument("recipe", type=click.Path(dir_okay=False))
 @click.option("-n", "n", type=click.IntRange(min=1), default=3, show_default=True, help="Examples to show.")
 @click.option("--json", "as_json", is_flag=True,
-              help="Print [{text, input_ids, labels, source, example, pretokenized}, ...].")
+              help="Print [{text, input_ids, labels, source, example, pretokenized}, ...]; for preference pairs "
+                   "[{example, source, prompt_ids, chosen_ids, rejected_ids, prompt, chosen, rejected, truncated}, ...].")
 @set_option
 def preview(recipe, n, as_json, overrides):
     """The first N training examples exactly as the model sees them. Masked (untrained) tokens are
-    shown as [[...]]; everything else, including </s>, carries a label."""
+    shown as [[...]]; everything else, including </s>, carries a label. A preference pair shows its
+    prompt (masked) once, then each response: the model sees the prompt followed by each."""
     _, tok, prepared = _prepare(recipe, overrides, reuse=False)  # preview needs the examples themselves
-    items = preview_items(prepared, tok, n)
+    pairs = prepared.form == "pairs"
+    items = (preview_pairs if pairs else preview_items)(prepared, tok, n)
     if as_json:
         click.echo(json.dumps(items, indent=1, ensure_ascii=False))
         return
     color = sys.stdout.isatty()
     for it in items:
-        trained = sum(lab != -100 for lab in it["labels"])
-        kind = ", pre-tokenized" if it["pretokenized"] else ""
-        click.echo(f"=== {it['example']} ({it['source']}{kind}): {len(it['input_ids'])} tokens, {trained} trained")
-        click.echo(render_masked(tok, it["input_ids"], it["labels"], color))
+        if pairs:
+            _echo_pair(tok, it, color)
+        else:
+            trained = sum(lab != -100 for lab in it["labels"])
+            kind = ", pre-tokenized" if it["pretokenized"] else ""
+            click.echo(f"=== {it['example']} ({it['source']}{kind}): {len(it['input_ids'])} tokens, {trained} trained")
+            click.echo(render_masked(tok, it["input_ids"], it["labels"], color))
         click.echo("")
+
+
+def _echo_pair(tok, it: dict, color: bool) -> None:
+    """A pair as its two sequences: the prompt (masked, shown once) followed by chosen, and by rejected."""
+    np_, nc, nr = len(it["prompt_ids"]), len(it["chosen_ids"]), len(it["rejected_ids"])
+    click.echo(f"=== {it['example']} ({it['source']}{', truncated' if it['truncated'] else ''}): prompt {np_} "
+               f"tokens (masked), chosen {nc}, rejected {nr} (sequences of {np_ + nc} and {np_ + nr})")
+    click.echo(render_masked(tok, it["prompt_ids"], [-100] * np_, color))
+    for k in ("chosen", "rejected"):
+        click.echo(f"--- {k}: " + render_masked(tok, it[f"{k}_ids"], it[f"{k}_ids"], color))
 
 
 @data.command("stats")
@@ -102,7 +133,8 @@ def preview(recipe, n, as_json, overrides):
 @click.option("--json", "as_json", is_flag=True, help="Print the stats as JSON.")
 @set_option
 def stats(recipe, as_json, overrides):
-    """Examples per dataset and split, token counts, truncated/dropped/skipped, padding waste."""
+    """Examples per dataset and split, token counts, truncated/dropped/skipped, padding waste (preference
+    pairs: pairs per dataset and split; tokens are prompt + the longer response)."""
     from ftk.tables import format_columns
 
     _, _, prepared = _prepare(recipe, overrides)
@@ -117,6 +149,15 @@ def stats(recipe, as_json, overrides):
                      str(ds["truncated"]), _counts(ds["dropped"]), _counts(ds["skipped"]), ds["cache"]))
     click.echo(format_columns(rows))
     tr, s = st["train"], st["settings"]
+    if st.get("form") == "pairs":
+        click.echo(f"train: {tr['examples']} pairs ({_counts(tr['per_dataset'])}), {tr['tokens']} tokens; "
+                   f"validation: {st['validation']['examples']} pairs")
+        if s["truncation"] == "drop":
+            click.echo(f"pairs longer than max_length {s['max_length']} are dropped; pairs are not packed")
+        else:
+            click.echo(f"pairs longer than max_length {s['max_length']} keep at most {s['max_prompt_length']} prompt "
+                       f"tokens (truncated); pairs are not packed")
+        return
     click.echo(f"train: {tr['examples']} examples ({_counts(tr['per_dataset'])}) in {tr['rows']} rows, "
                f"{tr['tokens']} tokens, {tr['trainable_tokens']} trained; validation: "
                f"{st['validation']['examples']} examples")

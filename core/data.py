@@ -5,8 +5,9 @@ Each step has its own module; this one runs them in order for a recipe:
 ``ftk.tokens`` (examples -> token ids and label masks), ``ftk.rows`` (rows, packing, the collator) and
 ``ftk.datacache`` (tokenized examples and finished rows kept between runs). An example may come already
 tokenized (``Example.token_ids``): it skips rendering and tokenizing, and is truncated, split, mixed,
-packed and cached like any other. Only the standard library and numpy are imported at module level;
-torch/transformers/datasets load inside functions.
+packed and cached like any other. Trainers of the "pairs" data form get preference pairs instead
+(``ftk.pairs``), built with the same loading, splitting and mixing steps. Only the standard library and
+numpy are imported at module level; torch/transformers/datasets load inside functions.
 """
 from __future__ import annotations
 
@@ -19,14 +20,14 @@ from typing import Iterable
 
 import numpy as np
 
-from ftk.components import DataContext, Example, LoadedData, PreparedData
+from ftk.components import DataContext, Example, LoadedData, PreferencePair, PreparedData
 from ftk.datacache import cache_root, cached_tokenize, examples_digest, file_states, load_result, result_key, save_result
 from ftk.errors import DataError
 from ftk.loaderkit import (  # noqa: F401 - the loader helpers' old home: ftk.data.<name> keeps working
     ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DEFAULT_SPEAKERS, BadRecord, RecordPolicy, check_messages, check_path,
     conversation_example, decode_utf8, detect_format, example_from_row, field_str, file_fingerprint,
-    instruction_example, iter_records, load_hub, loader_from_class, merge_segments, read_text, split_template,
-    tokenized_example,
+    instruction_example, iter_records, load_hub, loader_from_class, merge_segments, preference_pair, read_text,
+    split_template, tokenized_example,
 )
 from ftk.rows import IGNORE, Collator, Ref, build_rows, padding_waste, ref_spans
 from ftk.tokens import TokenBlock, prepare_tokenizer, render_chat, tokenize_examples, tokenizer_fingerprint
@@ -76,13 +77,34 @@ def load_entry(i: int, entry: dict, recipe: dict, tokenizer, manager) -> LoadedD
     return loaded
 
 
-def _render(examples: Iterable[Example], entry: dict, tokenizer, where: str, start: int = 0) -> list[Example]:
+def trainer_name(recipe: dict) -> str:
+    """The recipe's training method (its trainer section, or the schema's default)."""
+    from ftk.train import trainer_section
+
+    return trainer_section(recipe)["method"]
+
+
+def check_form(item, form: str, entry: dict, where: str, trainer: str) -> None:
+    """One line naming the entry and the trainer when a loader's item is not of the trainer's data form."""
+    if form == "pairs" and not isinstance(item, PreferencePair):
+        got = "examples (rows)" if isinstance(item, Example) else type(item).__name__
+        raise DataError(f"{where}: loader {entry['loader']!r} gives {got}, but trainer {trainer!r} trains on "
+                        f"preference pairs (data form \"pairs\"); use a loader of pairs such as 'preference'")
+    if form == "rows" and not isinstance(item, Example):
+        got = "preference pairs" if isinstance(item, PreferencePair) else type(item).__name__
+        raise DataError(f"{where}: loader {entry['loader']!r} gives {got}, but trainer {trainer!r} trains on rows of "
+                        f"examples (data form \"rows\"); use a preference trainer or a loader of examples")
+
+
+def _render(examples: Iterable[Example], entry: dict, tokenizer, where: str, start: int = 0,
+            trainer: str = "") -> list[Example]:
     """Apply the entry's chat template where asked and check each example has trainable text;
     ``start`` is the index of the first example (a later chunk of a stream). An already-tokenized
     example is taken as it is, its ids checked against the tokenizer's vocabulary."""
     out = []
     vocab_size = len(tokenizer)
     for j, ex in enumerate(examples, start):
+        check_form(ex, "rows", entry, where, trainer)
         if ex.token_ids is not None:  # taken as it is: no template, ids checked (any loader may give one)
             try:
                 checked = tokenized_example(ex.token_ids, ex.token_labels, vocab_size=vocab_size)
@@ -149,15 +171,30 @@ def _sum_counts(dicts: Iterable[dict]) -> dict:
 
 
 
-def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None, reuse: bool = True) -> PreparedData:
+def prepare_data(recipe: dict, tokenizer, manager, progress: bool | None = None, reuse: bool = True,
+                 form: str | None = None) -> PreparedData:
     """Load every dataset entry, render, tokenize (cached), split, mix, pack; see the module doc.
+
+    ``form`` is the data form the trainer trains on (``ftk.components.DATA_FORMS``); None asks the recipe's
+    trainer (its TrainerPlan). "pairs" builds preference pairs (``ftk.pairs.prepare_pairs``).
 
     With ``reuse`` (and data.cache on), the finished rows are cached too, keyed by the recipe's data
     settings, the tokenizer, the loader plugins' versions and the size and mtime of every local file a
     dataset entry names: a second run with unchanged inputs reads arrays instead of parsing and
     rendering every record again. (``ftk data preview`` passes reuse=False: it needs the examples.)"""
     d = recipe["data"]
+    if form is None:
+        from ftk.train import trainer_plan
+
+        form = trainer_plan(recipe, manager, recipe.get("output_dir") or ".").data
     prepare_tokenizer(tokenizer)
+    if form == "pairs":
+        from ftk.pairs import prepare_pairs
+
+        return prepare_pairs(recipe, tokenizer, manager, progress)
+    if d.get("max_prompt_length") is not None:
+        raise DataError(f"data.max_prompt_length applies to preference pairs; trainer {trainer_name(recipe)!r} "
+                        f"trains on rows (remove it, or use a preference trainer)")
     if d.get("streaming"):
         return _prepare_streaming(recipe, tokenizer, manager, progress)
     key = None
@@ -198,10 +235,10 @@ def _keep(block, max_length: int, drop_long: bool):
     return ~no_label, {"no_trainable_tokens": no_label}, too_long & ~no_label
 
 
-def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
+def load_parts(recipe: dict, tokenizer, manager, render) -> tuple[list[_Part], list[str], bool]:
+    """Every dataset entry loaded and rendered: (parts, files the loaders declared, all reusable).
+    ``render(items, entry, where)`` checks and renders one split's items (examples or pairs)."""
     d = recipe["data"]
-    seed = data_seed(recipe)
-    max_length = int(d["max_length"])
     parts: list[_Part] = []
     declared: list[str] = []  # files the loaders read beyond those their options name
     reusable = True
@@ -214,14 +251,36 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
         val = loaded.validation
         if val is not None and entry.get("max_examples"):
             val = val[: entry["max_examples"]]
-        train = _render(train, entry, tokenizer, where)
-        val = _render(val, entry, tokenizer, where + " validation") if val else None
+        train = render(train, entry, where)
+        val = render(val, entry, where + " validation") if val else None
         if not train:
             raise DataError(f"{where}: no training examples"
                             + (f" (skipped: {loaded.skipped})" if loaded.skipped else ""))
         name = _part_name(d["datasets"], i)
         parts.append(_Part(index=i, name=name, entry=entry, examples=train + (val or []), n_train=len(train),
                            own_validation=bool(val), skipped=dict(loaded.skipped), fingerprint=loaded.fingerprint))
+    return parts, declared, reusable
+
+
+def hold_out(p: _Part, keep: np.ndarray, d: dict, seed: int) -> None:
+    """Set the part's train/validation indices: its own validation split, else ``validation_size`` of its
+    training examples held out (seeded per entry); only examples ``keep`` marks stay in either."""
+    idx = np.arange(len(p.examples))
+    train_all, val_all = idx[: p.n_train], idx[p.n_train:]
+    if not p.own_validation and d["validation_size"]:
+        rng = np.random.default_rng([seed, p.index])
+        t, v = _split(p.n_train, float(d["validation_size"]), rng)
+        train_all, val_all = train_all[t], train_all[v]
+    p.train_idx, p.val_idx = train_all[keep[train_all]], val_all[keep[val_all]]
+
+
+def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = None) -> PreparedData:
+    d = recipe["data"]
+    seed = data_seed(recipe)
+    max_length = int(d["max_length"])
+    trainer = trainer_name(recipe)
+    parts, declared, reusable = load_parts(
+        recipe, tokenizer, manager, lambda items, entry, where: _render(items, entry, tokenizer, where, trainer=trainer))
     for p in parts:
         p.digest = examples_digest(p.examples)
         p.block, p.cache_hit = cached_tokenize(p.examples, tokenizer, d["train_on_inputs"], d, progress,
@@ -230,13 +289,7 @@ def _prepare_uncached(recipe: dict, tokenizer, manager, progress: bool | None = 
         p.dropped.update({reason: int(mask.sum()) for reason, mask in dropped.items()})
         p.truncated = int(truncated.sum())
         no_label = dropped["no_trainable_tokens"]
-        idx = np.arange(len(p.examples))
-        train_all, val_all = idx[: p.n_train], idx[p.n_train:]
-        if not p.own_validation and d["validation_size"]:
-            rng = np.random.default_rng([seed, p.index])
-            t, v = _split(p.n_train, float(d["validation_size"]), rng)
-            train_all, val_all = train_all[t], train_all[v]
-        p.train_idx, p.val_idx = train_all[keep[train_all]], val_all[keep[val_all]]
+        hold_out(p, keep, d, seed)
         if not len(p.train_idx):
             bad = [_example_name(p.name, k) for k in np.flatnonzero(no_label)[:5]]
             raise DataError(f"data.datasets[{p.index}] ({p.name}): no example has a trainable label within "
@@ -270,25 +323,33 @@ def _settings(d: dict) -> dict:
     return {k: d.get(k) for k in keys} | {"datasets": d["datasets"]}
 
 
-def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
-    d = recipe["data"]
-    bs = int(recipe["training"]["batch_size"])
-    per = []
-    for p in parts:
-        lens = p.block.lengths
-        per.append({
-            "name": p.name, "loader": p.entry["loader"],
-            "examples": {"train": int(len(p.train_idx)), "validation": int(len(p.val_idx))},
-            "validation_from": "own split" if p.own_validation else (
-                f"validation_size {d.get('validation_size')}" if d.get("validation_size") else "none"),
-            "tokens": _token_stats(lens),
-            "truncated": p.truncated, "dropped": dict(p.dropped),
-            "skipped": dict(p.skipped), "cache": "hit" if p.cache_hit else "miss",
-        })
+def part_stats(p: _Part, d: dict, lens: np.ndarray) -> dict:
+    """One dataset entry's line of the stats; ``lens``: its token counts per example (or pair)."""
+    return {
+        "name": p.name, "loader": p.entry["loader"],
+        "examples": {"train": int(len(p.train_idx)), "validation": int(len(p.val_idx))},
+        "validation_from": "own split" if p.own_validation else (
+            f"validation_size {d.get('validation_size')}" if d.get("validation_size") else "none"),
+        "tokens": _token_stats(lens),
+        "truncated": p.truncated, "dropped": dict(p.dropped),
+        "skipped": dict(p.skipped), "cache": "hit" if p.cache_hit else "miss",
+    }
+
+
+def per_dataset(train_refs: list[Ref]) -> dict[str, int]:
+    """Training examples drawn from each dataset entry (after mixing)."""
     sampled: dict[str, int] = {}
     for r in train_refs:
         src = r.name.rsplit("#", 1)[0]
         sampled[src] = sampled.get(src, 0) + 1
+    return sampled
+
+
+def _stats(recipe, parts, train_refs, train_rows, val_rows, max_length) -> dict:
+    d = recipe["data"]
+    bs = int(recipe["training"]["batch_size"])
+    per = [part_stats(p, d, p.block.lengths) for p in parts]
+    sampled = per_dataset(train_refs)
     ex_lens = np.minimum(ref_spans(train_refs)[3], max_length)
     all_lens = np.concatenate([p.block.lengths for p in parts])
     return {
@@ -324,6 +385,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
     100 are held out)."""
     d = recipe["data"]
     max_length, packing = int(d["max_length"]), bool(d["packing"])
+    trainer = trainer_name(recipe)
     streams, val_parts = [], []
     for i, entry in enumerate(d["datasets"]):
         where = f"data.datasets[{i}] ({entry['loader']})"
@@ -340,7 +402,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
         name = _part_name(d["datasets"], i)
         # names as in memory: #k counts the stream from its start (hold-out included), #vj the own split
         streams.append((name, entry, it, loaded, where, 0 if own else len(val)))
-        val = _render(val, entry, tokenizer, where + " validation")
+        val = _render(val, entry, tokenizer, where + " validation", trainer=trainer)
         if val:
             blk = tokenize_examples(val, tokenizer, d["train_on_inputs"], False)
             keep = np.flatnonzero(_keep(blk, max_length, d.get("truncation") == "drop")[0])
@@ -357,7 +419,7 @@ def _prepare_streaming(recipe: dict, tokenizer, manager, progress: bool | None) 
                 chunk = list(itertools.islice(it, STREAM_CHUNK))
                 if not chunk:
                     break
-                exs = _render(chunk, entry, tokenizer, where, start=n)
+                exs = _render(chunk, entry, tokenizer, where, start=n, trainer=trainer)
                 blk = tokenize_examples(exs, tokenizer, d["train_on_inputs"], False)
                 keep, dropped, truncated = _keep(blk, max_length, d.get("truncation") == "drop")
                 counters["truncated"] += int(truncated.sum())

@@ -52,30 +52,47 @@ def cached_tokenize(examples: list[Example], tokenizer, train_on_inputs: bool, d
                     digest: str | None = None) -> tuple[TokenBlock, bool]:
     """Tokenize through the cache: (block, hit). Keyed by the rendered examples (which already
     reflect data, loader options and template), the tokenizer and train_on_inputs."""
+    return cached_block(data_cfg, [CACHE_VERSION, digest or examples_digest(examples), tokenizer_fingerprint(tokenizer),
+                                   bool(train_on_inputs)], len(examples),
+                        lambda: tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc))
+
+
+def cached_block(data_cfg: dict, key_parts: list, n: int, build) -> tuple[TokenBlock, bool]:
+    """The TokenBlock of ``n`` sequences stored under the key of ``key_parts`` (JSON), else ``build()``'s,
+    stored there: (block, hit). With data.cache off, always ``build()``'s."""
     if not data_cfg["cache"]:
-        return tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc), False
+        return build(), False
     from ftk.io import atomic_write_bytes, atomic_write_json
 
-    key = hashlib.sha256(json.dumps([CACHE_VERSION, digest or examples_digest(examples), tokenizer_fingerprint(tokenizer),
-                                     bool(train_on_inputs)]).encode()).hexdigest()[:24]
+    key = hashlib.sha256(json.dumps(key_parts).encode()).hexdigest()[:24]
     d = cache_root(data_cfg) / key
     if (d / "done.json").exists():
         try:
             blk = TokenBlock(*(np.load(d / f"{k}.npy", allow_pickle=False) for k in ("ids", "mask", "offsets")))
-            if len(blk) == len(examples):
+            if len(blk) == n:
                 return blk, True
         except (OSError, ValueError):
             pass  # a damaged cache entry is rebuilt
-    blk = tokenize_examples(examples, tokenizer, train_on_inputs, progress, desc)
+    blk = build()
     try:
         for k in ("ids", "mask", "offsets"):
             atomic_write_bytes(d / f"{k}.npy", _npy_bytes(getattr(blk, k)))
-        atomic_write_json(d / "done.json", {"version": CACHE_VERSION, "examples": len(examples)})  # written last
+        atomic_write_json(d / "done.json", {"version": CACHE_VERSION, "sequences": n})  # written last
     except OSError as e:
         import warnings
 
-        warnings.warn(f"ftk: data cache not written to {d}: {e.strerror}", stacklevel=2)
+        warnings.warn(f"ftk: data cache not written to {d}: {e.strerror}", stacklevel=3)
     return blk, False
+
+
+def texts_digest(rows) -> str:
+    """A digest of tuples of strings (rendered preference pairs), for cache keys."""
+    h = hashlib.sha256()
+    for row in rows:
+        for t in row:
+            h.update(t.encode("utf-8", "surrogatepass") + b"\x00")
+        h.update(b"\x02")
+    return h.hexdigest()
 
 
 def file_states(paths) -> list:

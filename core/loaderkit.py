@@ -3,8 +3,8 @@
 Everything a loader needs besides the contracts in :mod:`ftk.components`: reading records from
 JSON/JSONL/CSV/TSV/Parquet files with ``file:line`` / ``file: record i`` locations, the bad-record
 policy (``on_error``: stop naming the record, or skip and count by reason), fingerprints for the data
-cache, prompt templates (Alpaca and ``{output}`` format strings), conversation rendering, and examples
-that come already tokenized (``tokenized_example``).
+cache, prompt templates (Alpaca and ``{output}`` format strings), conversation rendering, examples
+that come already tokenized (``tokenized_example``) and preference pairs (``preference_pair``).
 The built-in loaders (``alpaca``, ``custom``, ``dailydialog``) import nothing else from ftk, so a
 third party can write any of them again. Documented in ``docs/plugins/loaderkit.md``; part of the
 versioned plugin surface (``docs/plugins/versions.md``).
@@ -23,7 +23,7 @@ import string
 from pathlib import Path
 from typing import Any, Callable, Iterable, Iterator
 
-from ftk.components import DataContext, Example, LoadedData, Segment
+from ftk.components import DataContext, Example, LoadedData, PreferencePair, Segment
 from ftk.errors import DataError
 
 __all__ = [
@@ -32,7 +32,7 @@ __all__ = [
     "check_path", "decode_utf8", "read_text", "detect_format", "iter_records", "field_str",
     "file_fingerprint",
     "split_template", "instruction_example", "merge_segments", "conversation_example", "check_messages",
-    "tokenized_example", "example_from_row", "loader_from_class", "load_hub",
+    "tokenized_example", "example_from_row", "loader_from_class", "load_hub", "preference_pair",
 ]
 
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
@@ -289,26 +289,105 @@ def conversation_example(messages: list[dict], speakers: dict | None = None, *, 
     return Example(segments=merge_segments(segs), prompt=last_prompt, reference=last_ref, messages=list(messages))
 
 
-def check_messages(msgs: Any) -> list[dict]:
-    """``[{"role", "content"}, ...]`` checked (roles system/user/assistant, non-empty string contents,
-    at least two non-system turns) and copied with only those two keys, or BadRecord."""
+def _turns(msgs: Any, what: str = "") -> list[dict]:
+    """Messages checked one by one (roles system/user/assistant, non-empty string contents) and copied
+    with only ``role`` and ``content``, or BadRecord; ``what`` ("field 'prompt': ") prefixes messages."""
     if not isinstance(msgs, list):
-        raise BadRecord("bad_messages", f"messages must be a list, got {type(msgs).__name__}")
+        raise BadRecord("bad_messages", f"{what}messages must be a list, got {type(msgs).__name__}")
     out = []
     for j, m in enumerate(msgs):
         if not isinstance(m, dict):
-            raise BadRecord("bad_messages", f"message {j}: expected an object, got {type(m).__name__}")
+            raise BadRecord("bad_messages", f"{what}message {j}: expected an object, got {type(m).__name__}")
         if m.get("role") not in ("system", "user", "assistant"):
-            raise BadRecord("bad_messages", f"message {j}: role {m.get('role')!r} is not system/user/assistant "
+            raise BadRecord("bad_messages", f"{what}message {j}: role {m.get('role')!r} is not system/user/assistant "
                                             f"(map your role names with the 'roles' option)")
         if not isinstance(m.get("content"), str):
-            raise BadRecord("bad_messages", f"message {j}: content must be a string")
+            raise BadRecord("bad_messages", f"{what}message {j}: content must be a string")
         if not m["content"].strip():
-            raise BadRecord("empty_turn", f"message {j} is empty")
+            raise BadRecord("empty_turn", f"{what}message {j} is empty")
         out.append({"role": m["role"], "content": m["content"]})
+    return out
+
+
+def check_messages(msgs: Any) -> list[dict]:
+    """``[{"role", "content"}, ...]`` checked (roles system/user/assistant, non-empty string contents,
+    at least two non-system turns) and copied with only those two keys, or BadRecord."""
+    out = _turns(msgs)
     if sum(m["role"] != "system" for m in out) < 2:
         raise BadRecord("too_few_turns", "conversation has fewer than two turns")
     return out
+
+
+# == preference pairs =============================================================================
+def _response(value: Any, name: str) -> list[dict]:
+    """A conversational pair's response: one assistant message (a string is its content)."""
+    if isinstance(value, str):
+        if not value.strip():
+            raise BadRecord(f"empty_{name}", f"field {name!r} is empty")
+        return [{"role": "assistant", "content": value}]
+    if not isinstance(value, list):
+        raise BadRecord(f"wrong_type_{name}", f"field {name!r} must be a string or a list of messages, "
+                                              f"got {type(value).__name__}")
+    msgs = _turns(value, f"field {name!r}: ")
+    if [m["role"] for m in msgs] != ["assistant"]:
+        raise BadRecord("bad_response", f"field {name!r} must be one assistant message, got roles "
+                                        f"{[m['role'] for m in msgs]}")
+    return msgs
+
+
+def preference_pair(prompt: Any, chosen: Any, rejected: Any, *, names: dict | None = None) -> PreferencePair:
+    """A :class:`~ftk.components.PreferencePair` checked, or BadRecord.
+
+    Text form: three strings (the prompt may be empty, the responses may not). Conversational form
+    (TRL's): ``prompt`` a list of ``{"role", "content"}`` messages holding a user turn and not ending
+    with the assistant's; ``chosen``/``rejected`` one assistant message each, as a one-item list or a
+    string (its content). ``prompt`` None is the implicit-prompt form: ``chosen`` and ``rejected`` are
+    whole conversations and the prompt is the messages they share from the start (as TRL's
+    ``extract_prompt``). ``names`` maps ``prompt``/``chosen``/``rejected`` to the record's own field
+    names for the messages and reasons: ``missing_<field>``, ``empty_<field>``, ``wrong_type_<field>``,
+    ``mixed_forms``, ``bad_messages``, ``empty_turn``, ``no_user_turn``, ``prompt_ends_with_assistant``,
+    ``bad_response``, ``no_shared_prompt``, ``same_responses``."""
+    n = {"prompt": "prompt", "chosen": "chosen", "rejected": "rejected", **(names or {})}
+    for key, value in (("chosen", chosen), ("rejected", rejected)):
+        if value is None:
+            raise BadRecord(f"missing_{n[key]}", f"missing field {n[key]!r}")
+    if prompt is None:  # implicit: the shared start of two whole conversations
+        if not (isinstance(chosen, list) and isinstance(rejected, list)):
+            raise BadRecord(f"missing_{n['prompt']}", f"missing field {n['prompt']!r} (without it, {n['chosen']!r} "
+                                                      f"and {n['rejected']!r} must be conversations sharing a prompt)")
+        c, r = _turns(chosen, f"field {n['chosen']!r}: "), _turns(rejected, f"field {n['rejected']!r}: ")
+        k = 0
+        while k < min(len(c), len(r)) - 1 and c[k] == r[k]:
+            k += 1
+        if not k:
+            raise BadRecord("no_shared_prompt", f"fields {n['chosen']!r} and {n['rejected']!r} share no prompt "
+                                                f"messages (and there is no {n['prompt']!r} field)")
+        prompt, chosen, rejected = c[:k], c[k:], r[k:]
+    if isinstance(prompt, str):
+        for key, value in (("chosen", chosen), ("rejected", rejected)):
+            if isinstance(value, list):
+                raise BadRecord("mixed_forms", f"field {n['prompt']!r} is text but {n[key]!r} is a list of "
+                                               f"messages; give all three as text or as messages")
+            if not isinstance(value, str):
+                raise BadRecord(f"wrong_type_{n[key]}", f"field {n[key]!r} must be a string, got {type(value).__name__}")
+            if not value.strip():
+                raise BadRecord(f"empty_{n[key]}", f"field {n[key]!r} is empty")
+        same = chosen == rejected
+    elif isinstance(prompt, list):
+        prompt = _turns(prompt, f"field {n['prompt']!r}: ")
+        if not any(m["role"] == "user" for m in prompt):
+            raise BadRecord("no_user_turn", f"field {n['prompt']!r} has no user message")
+        if prompt[-1]["role"] == "assistant":
+            raise BadRecord("prompt_ends_with_assistant", f"field {n['prompt']!r} ends with an assistant message; "
+                                                          f"the prompt must end before the response")
+        chosen, rejected = _response(chosen, n["chosen"]), _response(rejected, n["rejected"])
+        same = chosen[0]["content"] == rejected[0]["content"]
+    else:
+        raise BadRecord(f"wrong_type_{n['prompt']}", f"field {n['prompt']!r} must be a string or a list of messages, "
+                                                     f"got {type(prompt).__name__}")
+    if same:
+        raise BadRecord("same_responses", f"fields {n['chosen']!r} and {n['rejected']!r} are the same response")
+    return PreferencePair(prompt=prompt, chosen=chosen, rejected=rejected)
 
 
 # == already tokenized ============================================================================

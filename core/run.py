@@ -115,7 +115,7 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
     trainer = train_mod.trainer_plan(recipe, manager, str(out))  # before any data: its data form is checked
     metrics_objs = eval_mod.build_metrics(recipe, manager)
     tokenizer = model_mod.load_tokenizer(recipe)
-    prepared = data_mod.prepare_data(recipe, tokenizer, manager)
+    prepared = data_mod.prepare_data(recipe, tokenizer, manager, form=trainer.data)
     check_eval_data(prepared, metrics_objs)
     model, model_info = model_mod.load_model(recipe, manager, tokenizer)
     check_disk_space(out, model_info, recipe)

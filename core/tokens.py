@@ -76,31 +76,36 @@ class TokenBlock:
         return cs[start + np.minimum(self.lengths, max_length)] - cs[start]
 
 
+def chat_text(tokenizer, messages: list[dict], where: str, generation_prompt: bool = False) -> str:
+    """``messages`` rendered with the tokenizer's chat template (DataError naming ``where`` when the
+    tokenizer has none or the template fails)."""
+    if not getattr(tokenizer, "chat_template", None):
+        raise DataError(f"{where}: template 'chat' needs a tokenizer with a chat template; this one has none "
+                        f"(use \"template\": \"default\")")
+    try:
+        return tokenizer.apply_chat_template(messages, tokenize=False, add_generation_prompt=generation_prompt)
+    except Exception as e:  # noqa: BLE001 - jinja errors from the template itself
+        raise DataError(f"{where}: the tokenizer's chat template failed: {e}") from None
+
+
+NOT_PREFIX = "the chat template does not render conversations prefix by prefix"
+
+
 def render_chat(tokenizer, messages: list[dict], where: str) -> Example:
     """Render with the tokenizer's chat template; only assistant turns are trainable.
 
     Each assistant turn's span is found by rendering the conversation up to it (with the generation
     prompt) and up to its end: the difference is exactly what the model must produce."""
-    if not getattr(tokenizer, "chat_template", None):
-        raise DataError(f"{where}: template 'chat' needs a tokenizer with a chat template; this one has none "
-                        f"(use \"template\": \"default\")")
-
-    def render(msgs, gen=False):
-        try:
-            return tokenizer.apply_chat_template(msgs, tokenize=False, add_generation_prompt=gen)
-        except Exception as e:  # noqa: BLE001 - jinja errors from the template itself
-            raise DataError(f"{where}: the tokenizer's chat template failed: {e}") from None
-
-    full = render(messages)
+    full = chat_text(tokenizer, messages, where)
     segs, pos = [], 0
     for k, m in enumerate(messages):
         if m["role"] != "assistant":
             continue
-        before, through = render(messages[:k], gen=True), render(messages[: k + 1])
+        before, through = chat_text(tokenizer, messages[:k], where, True), chat_text(tokenizer, messages[: k + 1], where)
         start, end = len(before), len(through)
         if not (full.startswith(before) and full.startswith(through)):
-            raise DataError(f"{where}: the chat template does not render conversations prefix by prefix, so "
-                            f"assistant turns cannot be located; use \"template\": \"default\"")
+            raise DataError(f"{where}: {NOT_PREFIX}, so assistant turns cannot be located; use "
+                            f"\"template\": \"default\"")
         if start > pos:
             segs.append(Segment(full[pos:start], False))
         segs.append(Segment(full[start:end], True))
@@ -108,8 +113,8 @@ def render_chat(tokenizer, messages: list[dict], where: str) -> Example:
     if pos < len(full):
         segs.append(Segment(full[pos:], False))
     last = max(i for i, m in enumerate(messages) if m["role"] == "assistant")
-    return Example(segments=segs, prompt=render(messages[:last], gen=True), reference=messages[last]["content"],
-                   messages=messages)
+    return Example(segments=segs, prompt=chat_text(tokenizer, messages[:last], where, True),
+                   reference=messages[last]["content"], messages=messages)
 
 
 def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
@@ -121,6 +126,29 @@ def _token_range(enc, s: int, e: int) -> tuple[int, int] | None:
     return first, last
 
 
+def fast_backend(tokenizer) -> tuple:
+    """(the Rust tokenizer, (bos id, eos id, bos text, eos text)), or DataError: ftk tokenizes with the fast
+    tokenizer (exact offsets) and ends every sequence with EOS."""
+    backend = getattr(tokenizer, "backend_tokenizer", None)
+    if backend is None:
+        raise DataError(f"{type(tokenizer).__name__}: ftk needs a fast (Rust) tokenizer for exact label masks")
+    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
+    if eos is None:
+        raise DataError(f"{type(tokenizer).__name__}: the tokenizer has no EOS token, so examples cannot end")
+    return backend, (bos, eos, tokenizer.bos_token or "\0", tokenizer.eos_token or "\0")
+
+
+def adds_bos(text: str, specials: tuple) -> bool:
+    """Whether ftk puts BOS before ``text``: the tokenizer has one and the text (a chat template's) does
+    not already start with it."""
+    return specials[0] is not None and not text.startswith(specials[2])
+
+
+def adds_eos(text: str, specials: tuple) -> bool:
+    """Whether ftk appends EOS after ``text``: unless the text (a chat template's) already ends with it."""
+    return not text.rstrip().endswith(specials[3])
+
+
 def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool = False,
                       progress: bool | None = None, desc: str = "tokenizing") -> TokenBlock:
     """Tokenize once with the fast tokenizer, in batches: BOS + text + EOS, mask from segment spans.
@@ -128,13 +156,7 @@ def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool 
     BOS/EOS are not added where the text already has them (chat templates); EOS is trainable. An
     already-tokenized example keeps its ids, trained where its labels are not -100 (all without labels;
     ``train_on_inputs`` does not change them)."""
-    backend = getattr(tokenizer, "backend_tokenizer", None)
-    if backend is None:
-        raise DataError(f"{type(tokenizer).__name__}: ftk needs a fast (Rust) tokenizer for exact label masks")
-    bos, eos = tokenizer.bos_token_id, tokenizer.eos_token_id
-    if eos is None:
-        raise DataError(f"{type(tokenizer).__name__}: the tokenizer has no EOS token, so examples cannot end")
-    specials = (bos, eos, tokenizer.bos_token or "\0", tokenizer.eos_token or "\0")
+    backend, specials = fast_backend(tokenizer)
     n = len(examples)
     chunks_ids, chunks_mask, lens = [], [], np.zeros(n, np.int64)
     from tqdm.auto import tqdm
@@ -167,10 +189,9 @@ def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool 
 
 def _text_tokens(ex: Example, enc, train_on_inputs: bool, specials: tuple) -> tuple[np.ndarray, np.ndarray]:
     """A text example's ids (BOS and EOS added unless the text has them) and mask, from its encoding."""
-    bos, eos, bos_s, eos_s = specials
+    bos, eos = specials[:2]
     text, ids = ex.text, enc.ids
-    add_bos = bos is not None and not text.startswith(bos_s)
-    add_eos = not text.rstrip().endswith(eos_s)
+    add_bos, add_eos = adds_bos(text, specials), adds_eos(text, specials)
     body = np.zeros(len(ids), np.uint8)
     if train_on_inputs:
         body[:] = 1
