@@ -53,7 +53,8 @@ def plugins_list(ctx, as_json):
         return
     rows = [("NAME", "PACKAGE", "VERSION", "STATUS", "PROVIDES")]
     for r in recs:
-        rows.append((r.name, r.package, r.version, r.status, ", ".join(r.provides) if r.status == "ok" else r.error or ""))
+        said = ", ".join(r.provides) if r.status == "ok" else r.error or ""
+        rows.append((r.name, r.package, r.version, r.shown_status, f"{said} ({r.unavailable})" if r.unavailable else said))
     from ftk.tables import format_columns
 
     click.echo(format_columns(rows, strip=False))  # the last column (PROVIDES) unpadded

@@ -236,6 +236,11 @@ class TrainerPlan:
     training_arguments: Callable[[Any], Any] | None = None
     trainer_kwargs: dict[str, Any] = field(default_factory=dict)  # more keyword arguments for the Trainer
     notes: list[str] = field(default_factory=list)  # lines shown to the user before training
+    # What one training example costs, for ``ftk plan`` (since 0.1.0): the sequences it puts through the
+    # model with gradient (a preference pair: chosen and rejected, 2), and the sequences it also runs
+    # without gradient while those activations are kept (a reference model's pass: DPO 2, KTO 1).
+    sequences_per_example: int = 1
+    reference_sequences_per_example: int = 0
 
 
 @dataclass

@@ -43,6 +43,9 @@ class Component:
     package: str  # distribution that ships it
     version: str
     info: Any = None  # what the component declares up front (a metric: ftk.components.MetricInfo)
+    # why it cannot be used here (e.g. "needs trl: pip install 'ftk[preference]'"): it is listed, and a
+    # recipe naming it fails with this reason; None when usable
+    unavailable: str | None = None
 
     @property
     def key(self) -> str:
@@ -64,14 +67,21 @@ class PluginRecord:
     provides: list[str] = field(default_factory=list)
     module: str = ""
     hooks: list[str] = field(default_factory=list)  # hook names the plugin implements (even when broken)
+    # why its components cannot be used in this environment (what they registered as ``unavailable``)
+    unavailable: str | None = None
+
+    @property
+    def shown_status(self) -> str:
+        """What ``ftk plugins list`` says: "unavailable" for a working plugin whose components all are."""
+        return "unavailable" if self.status == "ok" and self.unavailable else self.status
 
     def as_json(self) -> dict:
         return {
             "name": self.name,
             "package": self.package,
             "version": self.version,
-            "status": self.status,
-            "error": self.error,
+            "status": self.shown_status,
+            "error": self.error if self.status != "ok" else self.unavailable,
             "provides": list(self.provides),
             "module": self.module,
         }
@@ -186,7 +196,7 @@ class FtkPluginManager:
         dups: dict[str, list[Component]] = {}
         for rec in self.records.values():
             if rec.status == "ok":
-                rec.provides = []
+                rec.provides, rec.unavailable = [], None
         for kind, hookname in _REGISTER_HOOKS.items():
             hook = getattr(self.pm.hook, hookname)
             for impl in reversed(hook.get_hookimpls()):  # registration order
@@ -195,18 +205,22 @@ class FtkPluginManager:
                     continue
                 pending: list[Component] = []
 
-                def register(name, factory, description="", options_schema=None, *, info=None, _rec=rec, _kind=kind,
-                             _p=pending):
+                def register(name, factory, description="", options_schema=None, *, info=None, unavailable=None,
+                             _rec=rec, _kind=kind, _p=pending):
                     if not isinstance(name, str) or not name:
                         raise TypeError("register(): name must be a non-empty string")
                     if not callable(factory):
                         raise TypeError(f"register({name!r}): factory must be callable")
+                    if not (unavailable is None or (isinstance(unavailable, str) and unavailable.strip())):
+                        raise TypeError(f"register({name!r}): unavailable must be None or a non-empty string "
+                                        f"saying why (e.g. \"needs trl: pip install 'ftk[preference]'\")")
                     _check_options_schema(f"{_kind} {name!r}", options_schema)
                     _check_info(_kind, name, info)
                     _p.append(Component(kind=_kind, name=name, factory=factory,
                                         description=(description or "").strip().splitlines()[0] if description else "",
                                         options_schema=options_schema or {"type": "object"},
-                                        plugin=_rec.name, package=_rec.package, version=_rec.version, info=info))
+                                        plugin=_rec.name, package=_rec.package, version=_rec.version, info=info,
+                                        unavailable=_one_line(unavailable) if unavailable else None))
 
                 try:
                     self._trace(hookname, rec.name)
@@ -242,6 +256,10 @@ class FtkPluginManager:
             for c in same[1:]:
                 if self.records[c.plugin].status == "ok":
                     self.records[c.plugin].provides.append(key)
+        for rec in self.records.values():  # a plugin is unavailable when everything it provides is
+            mine = [c for kind in KINDS for c in comps[kind].values() if c.plugin == rec.name]
+            if rec.status == "ok" and mine and all(c.unavailable for c in mine):
+                rec.unavailable = "; ".join(dict.fromkeys(c.unavailable for c in mine))
 
     def _by_bare_name(self, kind: str, name: str) -> Component | None:
         """What a bare name resolves to: the one component of that name, or the built-in (distribution
@@ -301,7 +319,10 @@ class FtkPluginManager:
             raise PluginError(f"{kind} {name!r} is registered by more than one plugin: {who}; "
                               f"block one with FTK_BLOCK_PLUGINS")
         if qualified in everything:
-            return everything[qualified]
+            comp = everything[qualified]
+            if comp.unavailable:
+                raise PluginError(f"{kind} {name!r} {comp.unavailable}")
+            return comp
         broken = [r for r in self.records.values() if r.status == "error"]
         msg = f"unknown {kind} {name!r}; available: {', '.join(sorted(comps)) or '(none)'}"
         close = difflib.get_close_matches(name, list(comps), n=1)

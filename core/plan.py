@@ -148,7 +148,13 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     d = _compute_bytes(recipe, cuda)
     sizes = declared_sizes(config, recipe, manager, d)
     s = Shape.from_config(config)
-    tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"])
+    # what one example costs the training method (its TrainerPlan says): sequences through the model with
+    # gradient (a preference pair: 2) and without it while those activations are kept (a reference pass)
+    from ftk.train import trainer_plan
+
+    method = trainer_plan(recipe, manager, str(recipe.get("output_dir") or "."))
+    seqs, ref_seqs = method.sequences_per_example, method.reference_sequences_per_example
+    tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"]) * seqs
     store = 2 if d == 2 else 4  # unquantized parameters are kept in the compute dtype
 
     linear = sum(i * o for i, o in s.linear_shapes().values()) * s.layers
@@ -186,12 +192,15 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     else:
         activations = tokens * (s.layers + 1) * per_layer_tok
     logits = tokens * s.vocab * 4 * 3  # fp32 logits, log-softmax kept for backward, their gradient
+    # a no-grad pass (the reference) while the graph is kept: one layer's tensors at a time, fp32 logits
+    ref_tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"]) * ref_seqs
+    reference = ref_tokens * (per_layer_tok + s.vocab * 4)
     # On the CPU the checkpoint is memory-mapped and its pages stay resident after loading; a GPU
     # run reads it through host memory that the GPU figure does not include.
     ckpt_bytes = 0 if cuda else (linear + emb + norms) * _DTYPE_BYTES.get(
         str(_get(config, "dtype") or "float32").replace("torch.", ""), 4)
     parts = {"weights": weights, "lora_weights": lora, "optimizer_state": optimizer, "gradients": grads,
-             "activations": activations, "logits": logits, "checkpoint_pages": ckpt_bytes}
+             "activations": activations, "logits": logits, "reference_pass": reference, "checkpoint_pages": ckpt_bytes}
     known = [v for v in parts.values() if v is not None]
     parts["total"] = sum(known) if len(known) == len(parts) else None
     params = linear + emb + norms
@@ -201,7 +210,8 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
         "trainable_share": None if lora_params is None else lora_params / max(1, params),
         "bytes": {k: _int(v) for k, v in parts.items()},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
-                        "quantized_linear_parameters": _int(quantized)},
+                        "quantized_linear_parameters": _int(quantized), "sequences_per_example": seqs,
+                        "reference_sequences_per_example": ref_seqs},
         "unknown": sizes["unknown"],
     }
 
@@ -260,11 +270,16 @@ def format_plan(p: dict) -> str:
              "trainable (adapter) parameters: "
              + (f"{t:,} ({100 * p['trainable_share']:.3f}%)" if t is not None else "unknown"),
              "peak memory estimate:"]
-    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "checkpoint_pages",
-              "total"):
+    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "reference_pass",
+              "checkpoint_pages", "total"):
+        if k == "reference_pass" and not b.get(k):
+            continue  # methods without a reference model
         lines.append(f"  {k:<16} {human(b[k]) if b[k] is not None else 'unknown':>11}")
     a = p["assumptions"]
-    lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens, {a['compute_bytes']}-byte compute, "
+    per = a.get("sequences_per_example", 1)
+    lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens"
+                 + (f" ({per} sequences per example)" if per > 1 else "")
+                 + f", {a['compute_bytes']}-byte compute, "
                  f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'})")
     lines.extend(f"  {u}" for u in p.get("unknown") or [])
     if "data" in p:

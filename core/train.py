@@ -27,7 +27,8 @@ def _callback_classes():
     from transformers import TrainerCallback
 
     class JsonlLogCallback(TrainerCallback):
-        """One JSON line per logging step (loss, lr, grad_norm) and per evaluation (eval_loss)."""
+        """One JSON line per logging step (loss, lr, grad_norm) and per evaluation (eval_loss), each with
+        every other number the trainer logs there (a preference trainer's rewards/*, logps/*, kl, ...)."""
 
         def __init__(self, path: Path):
             self.path = path
@@ -56,6 +57,7 @@ def _callback_classes():
                 row["eval_loss"] = logs["eval_loss"]
             else:
                 return  # the end-of-training summary goes to metrics.json instead
+            row.update({k: v for k, v in logs.items() if k not in row and _extra_logged(k, v)})
             append_jsonl(self.path, row)
 
     class NanStopCallback(TrainerCallback):
@@ -116,6 +118,13 @@ def _callback_classes():
             return all(torch.equal(a, p.detach().cpu()) for a, (_, p) in zip(self.initial, self.params))
 
     return JsonlLogCallback, NanStopCallback, LearningGuard
+
+
+def _extra_logged(key: str, value) -> bool:
+    """A logged value train_log.jsonl keeps besides loss/lr/grad_norm/eval_loss: any number except what
+    the row holds under another name and transformers' timing figures (runtime, per-second rates)."""
+    return (isinstance(value, (int, float)) and not isinstance(value, bool)
+            and key not in ("learning_rate", "epoch", "step") and not key.endswith(("_runtime", "_per_second", "_time")))
 
 
 def _trainer_class():
@@ -181,6 +190,10 @@ def trainer_plan(recipe: dict, manager, output_dir: str):
     taken = [k for k in _CORE_TRAINER_KWARGS if k in plan.trainer_kwargs]
     if taken:
         raise PluginError(f"{who}: trainer_kwargs may not set {', '.join(taken)} (ftk sets them)")
+    for attr, least in (("sequences_per_example", 1), ("reference_sequences_per_example", 0)):
+        n = getattr(plan, attr)
+        if isinstance(n, bool) or not isinstance(n, int) or n < least:
+            raise PluginError(f"{who}: TrainerPlan.{attr} must be a whole number >= {least}, got {n!r}")
     return plan
 
 
@@ -440,9 +453,11 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         if tb is not None:
             callbacks.append(tb)
     callbacks += manager.trainer_callbacks(recipe, output_dir) if manager is not None else []
-    collator = prepared.collator
+    # rows come with ftk's collator; a trainer of another data form brings its own (PreparedData.collator
+    # then batches the validation rows for perplexity, not what the trainer trains on)
+    collator = prepared.collator if plan.data == "rows" else None
     compiling = compile_on(recipe)
-    if compiling and d["packing"] and not collator.pad_to:
+    if compiling and collator is not None and d["packing"] and not collator.pad_to:
         # packed rows are nearly full: padding them to max_length costs little and gives every batch
         # one shape, so the layers compile once instead of again for dynamic lengths
         collator = copy.copy(collator)

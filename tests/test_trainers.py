@@ -112,10 +112,10 @@ def test_plugins_list_and_show_trainer(fresh_manager):
 
 def test_unknown_trainer_is_one_line_naming_the_path(fresh_manager, tmp_path):
     with pytest.raises(FtkError) as e:
-        load_recipe(data=raw_recipe(tmp_path, trainer={"method": "dpo"}), manager=fresh_manager)
+        load_recipe(data=raw_recipe(tmp_path, trainer={"method": "ppo"}), manager=fresh_manager)
     assert len(e.value.messages) == 1
     msg = e.value.messages[0]
-    assert msg.startswith("trainer.method: unknown trainer 'dpo'; available: sft") and "\n" not in msg
+    assert msg.startswith("trainer.method: unknown trainer 'ppo'; available: dpo, kto, orpo, sft") and "\n" not in msg
 
 
 def test_trainer_options_are_validated_by_its_schema(fresh_manager, tmp_path):
@@ -135,11 +135,11 @@ def test_trainer_options_are_validated_by_its_schema(fresh_manager, tmp_path):
 def test_data_form_is_checked_before_any_data(fresh_manager, tmp_path):
     from ftk import train as T
 
-    mgr = with_plugin(fresh_manager, ScaledTrainer(data="pairs"))
+    mgr = with_plugin(fresh_manager, ScaledTrainer(data="images"))
     r = load_recipe(data=raw_recipe(tmp_path / "out", trainer={"method": "scaled"}), manager=mgr)
     with pytest.raises(FtkError, match=r"^trainer\.method: trainer 'scaled' \(plugin 'scaled-plugin', package "
-                                       r"ftk-scaled\) trains on 'pairs' data, which this ftk cannot prepare "
-                                       r"\(it prepares: rows\)"):
+                                       r"ftk-scaled\) trains on 'images' data, which this ftk cannot prepare "
+                                       r"\(it prepares: rows, pairs\)"):
         T.trainer_plan(r, mgr, str(tmp_path / "out"))
     # ftk validate asks the trainer too: a recipe it accepts can be prepared
     from click.testing import CliRunner
@@ -148,7 +148,7 @@ def test_data_form_is_checked_before_any_data(fresh_manager, tmp_path):
 
     (tmp_path / "r.json").write_text(json.dumps(raw_recipe(tmp_path / "out", trainer={"method": "scaled"})))
     res = CliRunner().invoke(cli, ["validate", str(tmp_path / "r.json")], obj={"manager": mgr})
-    assert res.exit_code != 0 and "trains on 'pairs' data" in str(res.exception)
+    assert res.exit_code != 0 and "trains on 'images' data" in str(res.exception)
 
 
 def test_trainer_kwargs_cannot_replace_what_ftk_sets(fresh_manager, tmp_path):
@@ -243,3 +243,71 @@ def test_ftk_loss_check_applies_to_a_trainers_own_loss(fresh_manager, tmp_path):
     state = _prepared_run(mgr, tmp_path / "out", trainer={"method": "scaled"})
     with pytest.raises(RunError, match="training cannot learn: the training loss does not depend on any trainable"):
         train_run(state)
+
+
+# -- what the core offers every trainer -----------------------------------------------------------
+def test_plan_declarations_are_checked(fresh_manager, tmp_path):
+    from ftk import train as T
+
+    class Bad:
+        @hookimpl
+        def ftk_register_trainers(self, register):
+            register("bad", lambda options, ctx: TrainerPlan(sequences_per_example=0))
+
+    fresh_manager.register(Bad(), name="bad-plugin")
+    r = load_recipe(data=raw_recipe(tmp_path / "out", trainer={"method": "bad"}), manager=fresh_manager)
+    with pytest.raises(PluginError, match=r"trainer 'bad' .*: TrainerPlan.sequences_per_example must be a whole "
+                                          r"number >= 1, got 0"):
+        T.trainer_plan(r, fresh_manager, str(tmp_path / "out"))
+
+
+def test_train_log_keeps_every_number_a_trainer_logs(tmp_path):
+    from transformers import TrainerControl, TrainerState, TrainingArguments
+
+    from ftk import train as T
+
+    JsonlLog = T._callback_classes()[0]
+    cb = JsonlLog(tmp_path / "log.jsonl")
+    state = TrainerState(global_step=3, epoch=0.5)
+    args = TrainingArguments(output_dir=str(tmp_path), report_to="none", use_cpu=True)
+    cb.on_log(args, state, TrainerControl(), logs={
+        "loss": 0.5, "learning_rate": 1e-3, "grad_norm": 2.0, "rewards/margins": 0.25, "kl": 0, "note": "text",
+        "flag": True, "train_runtime": 1.0, "train_tokens_per_second": 9.0, "epoch": 0.5})
+    cb.on_log(args, state, TrainerControl(), logs={
+        "eval_loss": 0.4, "eval_rewards/accuracies": 0.75, "eval_runtime": 0.1, "eval_samples_per_second": 3.0,
+        "eval_model_preparation_time": 0.01})
+    rows = [json.loads(x) for x in (tmp_path / "log.jsonl").read_text().splitlines()]
+    assert rows == [{"step": 3, "epoch": 0.5, "loss": 0.5, "lr": 1e-3, "grad_norm": 2.0, "rewards/margins": 0.25,
+                     "kl": 0},
+                    {"step": 3, "epoch": 0.5, "eval_loss": 0.4, "eval_rewards/accuracies": 0.75}]
+
+
+def test_a_component_can_be_registered_as_unavailable(fresh_manager, tmp_path):
+    """A plugin whose optional dependency is missing registers its components with ``unavailable=``: they
+    are listed (the plugin as unavailable, with why), and a recipe naming one fails in one line."""
+    from click.testing import CliRunner
+
+    from ftk.cli import cli
+
+    class NeedsFoo:
+        @hookimpl
+        def ftk_register_trainers(self, register):
+            register("foo", lambda options, ctx: TrainerPlan(), unavailable="needs foo: pip install 'ftk-foo[foo]'")
+
+    fresh_manager.register(NeedsFoo(), name="foo-plugin", package="ftk-foo", version="0.1.0")
+    res = CliRunner().invoke(cli, ["plugins", "list"], obj={"manager": fresh_manager})
+    line = next(x for x in res.output.splitlines() if x.startswith("foo-plugin"))
+    assert line.split()[3] == "unavailable" and line.endswith("trainer:foo (needs foo: pip install 'ftk-foo[foo]')")
+    assert "trainer:foo" in fresh_manager.records["foo-plugin"].provides
+    with pytest.raises(FtkError) as e:
+        load_recipe(data=raw_recipe(tmp_path, trainer={"method": "foo"}), manager=fresh_manager)
+    assert e.value.messages == ["trainer.method: trainer 'foo' needs foo: pip install 'ftk-foo[foo]'"]
+
+    class Wrong:
+        @hookimpl
+        def ftk_register_trainers(self, register):
+            register("wrong", lambda options, ctx: TrainerPlan(), unavailable="")
+
+    rec = fresh_manager.register(Wrong(), name="wrong-plugin")
+    fresh_manager.plugin_list()
+    assert rec.status == "error" and "unavailable must be None or a non-empty string" in rec.error
