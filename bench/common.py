@@ -106,6 +106,17 @@ def emit(result: dict) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 
 
+def run_child(setup: str, fn, *args) -> None:
+    """A setup in its own process: run ``fn(*args)`` with torch seeded, add the process's peak RSS, print the
+    result line ``run_setup`` reads."""
+    import torch
+
+    torch.manual_seed(0)
+    res = fn(*args)
+    res.update(setup=setup, peak_rss=peak_rss_bytes())
+    emit(res)
+
+
 def parse_results(text: str) -> list[dict]:
     return [json.loads(ln.split(" ", 1)[1]) for ln in text.splitlines() if ln.startswith("BENCH_RESULT ")]
 

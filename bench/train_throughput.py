@@ -158,12 +158,7 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     a = ap.parse_args()
     if a.setup:  # child process: one setup
-        import torch
-
-        torch.manual_seed(0)
-        res = SETUPS[a.setup](Path(a.model_dir), common.alpaca_rows(a.rows))
-        res.update(setup=a.setup, peak_rss=common.peak_rss_bytes())
-        common.emit(res)
+        common.run_child(a.setup, SETUPS[a.setup], Path(a.model_dir), common.alpaca_rows(a.rows))
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = common.make_model_dir(Path(tmp) / "model")

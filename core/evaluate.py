@@ -1,4 +1,5 @@
-"""Evaluation: token-weighted perplexity, batched generation, and the metric plugins over both.
+"""Evaluation: token-weighted perplexity, batched generation, log-probabilities of preference pairs, and
+the metric plugins over all three.
 
 ``evaluate_run`` is what ``ftk run`` calls after training; ``ftk eval`` calls ``evaluate_model``.
 Metrics come only from the registry (``manager.get("metric", name)``), so a plugin metric is
@@ -226,9 +227,81 @@ def _cut_at_eos(row: list[int], eos) -> list[int]:
     return row
 
 
+# -- preference pairs -------------------------------------------------------------------------------
+PAIR_KEYS = ("prompt_ids", "chosen_ids", "rejected_ids")  # one pair of the "pairs" data form
+
+
+class PreferenceEvaluator:
+    """Log-probabilities of preference pairs' responses, computed as TRL's ``DPOTrainer`` computes them."""
+
+    def __init__(self, model, tokenizer=None):
+        self.model = model
+        self.tokenizer = tokenizer
+
+    def compute_logps(self, pairs, batch_size: int = 4) -> tuple[list[float], list[float]]:
+        """(chosen, rejected), one float per pair: the sum over the response's tokens of
+        ``log_softmax(logits)[token]``, each token predicted from the prompt and the response before it (the
+        first from the prompt's last position). ``pairs``: ``{"prompt_ids", "chosen_ids", "rejected_ids"}`` dicts
+        (the "pairs" data form). A batch holds its pairs' prompt+chosen rows then their prompt+rejected rows,
+        right padded with an attention mask, TRL's ``DataCollatorForPreference`` layout; the scores are float32
+        sums, as TRL's. Only one batch of logits lives at a time."""
+        import torch
+
+        pairs = [_checked_pair(p, i) for i, p in enumerate(pairs)]
+        tok = self.tokenizer
+        pad = next((t for t in (getattr(tok, "pad_token_id", None), getattr(tok, "eos_token_id", None))
+                    if t is not None), 0)  # right padding behind the attention mask: any id does
+        device = _device(self.model)
+        step = max(1, int(batch_size))
+        chosen: list[float] = []
+        rejected: list[float] = []
+        with _eval_mode(self.model):
+            for start in range(0, len(pairs), step):
+                batch = pairs[start:start + step]
+                seqs = ([p["prompt_ids"] + p["chosen_ids"] for p in batch]
+                        + [p["prompt_ids"] + p["rejected_ids"] for p in batch])
+                prompt_lens = [len(p["prompt_ids"]) for p in batch] * 2
+                width = max(len(s) for s in seqs)
+                ids = torch.tensor([s + [pad] * (width - len(s)) for s in seqs], device=device)
+                mask = torch.tensor([[1] * len(s) + [0] * (width - len(s)) for s in seqs], device=device)
+                # response[i, t]: token t of row i is a response token (so it is scored, from position t - 1)
+                response = torch.tensor([[0] * n + [1] * (len(s) - n) + [0] * (width - len(s))
+                                         for s, n in zip(seqs, prompt_lens)], dtype=torch.bool, device=device)
+                logits = self.model(input_ids=ids, attention_mask=mask, use_cache=False).logits
+                scored = response[:, 1:]
+                # log-softmax only where a response token is predicted (not over every prompt position)
+                picked = torch.log_softmax(logits[:, :-1][scored].float(), dim=-1)
+                token_logps = torch.zeros(scored.shape, dtype=torch.float32, device=device)
+                token_logps[scored] = picked.gather(-1, ids[:, 1:][scored].unsqueeze(-1)).squeeze(-1)
+                sums = token_logps.sum(dim=1).tolist()
+                chosen += sums[:len(batch)]
+                rejected += sums[len(batch):]
+                del logits, picked
+        return chosen, rejected
+
+
+def _checked_pair(pair, index: int) -> dict:
+    """A pair's three id lists as lists of ints; a malformed pair is one line naming it."""
+    try:
+        out = {k: [int(t) for t in pair[k]] for k in PAIR_KEYS}
+    except (KeyError, TypeError, ValueError) as e:
+        raise FtkError(f"evaluation: validation pair {index} is not a {{{', '.join(PAIR_KEYS)}}} dict of token id "
+                       f"lists ({type(e).__name__}: {e})") from None
+    if not out["prompt_ids"]:
+        raise FtkError(f"evaluation: validation pair {index} has an empty prompt_ids (it starts with BOS)")
+    return out
+
+
+def _validation_pairs(prepared) -> list:
+    """The validation split's preference pairs (every one) when the prepared data is of the "pairs" form."""
+    if getattr(prepared, "form", "rows") != "pairs" or prepared.validation is None:
+        return []
+    return list(prepared.validation)
+
+
 # -- metrics from the recipe ------------------------------------------------------------------------
 DEFAULT_METRICS = schema_default("evaluation.metrics")
-OWN_KEYS = ("eval_samples", "eval_tokens")  # what ftk itself adds beside the metrics' keys
+OWN_KEYS = ("eval_samples", "eval_tokens", "eval_pairs")  # what ftk itself adds beside the metrics' keys
 
 
 def _metric_specs(recipe: dict) -> list[dict]:
@@ -264,7 +337,8 @@ def _declared_keys(manager, comp, spec: dict) -> list[str] | None:
 def check_metrics(recipe: dict, manager) -> list[str]:
     """What the metrics of a (valid, defaults filled) recipe declare, checked before anything loads: a
     declared input ftk cannot supply, a key two entries both declare, a key that is ftk's own. One line
-    each, naming the entries' JSON paths. Undeclared keys are checked when reported (``_merge``)."""
+    each, naming the entries' JSON paths. Undeclared keys are checked when reported (``_merge``). (Whether the
+    run's data can supply a metric's input, preference pairs, depends on the trainer: :func:`build_metrics`.)"""
     errors: list[str] = []
     owners: dict[str, tuple[str, str]] = {}  # key -> (JSON path, metric name) of the first entry declaring it
     for i, spec, comp in _known_metrics(recipe, manager):
@@ -287,6 +361,34 @@ def check_metrics(recipe: dict, manager) -> list[str]:
     return errors
 
 
+def _data_form(recipe: dict, manager) -> str | None:
+    """The data form the recipe's trainer trains on (its plan's ``data``, one of DATA_FORMS); None when the
+    trainer cannot be planned (that error is the training plan's own, reported where it is made)."""
+    from ftk import train as train_mod
+
+    try:
+        return train_mod.trainer_plan(recipe, manager, str(recipe.get("output_dir") or ".")).data
+    except FtkError:
+        return None
+
+
+def _pairs_refusals(recipe: dict, manager, entries: list[tuple[int, str]], form: str | None = None) -> list[str]:
+    """One line per metric entry ``(index, name)`` that scores preference pairs while the run's data (``form``;
+    None: the form the recipe's trainer asks for, its factory called only when there are such entries) is not
+    pairs."""
+    if not entries:
+        return []
+    form = form or _data_form(recipe, manager)
+    if form in (None, "pairs"):
+        return []
+    from ftk.train import trainer_section
+
+    method = trainer_section(recipe).get("method")
+    return [f"evaluation.metrics[{i}]: metric {name!r} scores preference pairs, but trainer {method!r} trains on "
+            f"{form!r} data; use a trainer of preference pairs (trainer.method, e.g. dpo) or drop the metric"
+            for i, name in entries]
+
+
 def metric_directions(recipe: dict, manager=None) -> dict[str, bool]:
     """{key: True if higher is better} for every key the recipe's metrics declare a direction for (a
     ``{key: bool}`` direction counts even without declared keys). What the report's "better" column uses;
@@ -307,8 +409,10 @@ def metric_directions(recipe: dict, manager=None) -> dict[str, bool]:
     return out
 
 
-def build_metrics(recipe: dict, manager) -> list[tuple[str, Any]]:
-    """[(name, metric object)] for recipe.evaluation.metrics, each built by its plugin's factory."""
+def build_metrics(recipe: dict, manager, data_form: str | None = None) -> list[tuple[str, Any]]:
+    """[(name, metric object)] for recipe.evaluation.metrics, each built by its plugin's factory. A metric of
+    preference pairs is refused (FtkError, one line per entry) unless the data is pairs: ``data_form``, the
+    prepared data's form, or (None) the form the recipe's trainer asks for."""
     out = []
     seen: list[dict] = []
     for i, spec in enumerate(_metric_specs(recipe)):
@@ -328,6 +432,10 @@ def build_metrics(recipe: dict, manager) -> list[tuple[str, Any]]:
                            f"requires={requires!r}; expected " + (f"{declared!r}, as its MetricInfo declares"
                                                                  if declared else " or ".join(map(repr, METRIC_INPUTS))))
         out.append((name, _AttributedMetric(obj, manager.wrap(comp, "computing", obj.compute), keys)))
+    refused = _pairs_refusals(recipe, manager, [(i, n) for i, (n, m) in enumerate(out) if m.requires == "pairs"],
+                              data_form)
+    if refused:
+        raise FtkError(refused)
     return out
 
 
@@ -385,44 +493,78 @@ def _gen_call_kwargs(gen: dict) -> dict:
 def _eval_dataloader(prepared, recipe: dict):
     import torch
 
-    rows = prepared.validation_unpacked if prepared.validation_unpacked is not None else prepared.validation
+    rows = prepared.validation_unpacked
+    if rows is None and getattr(prepared, "form", "rows") == "rows":
+        rows = prepared.validation
     if rows is None:
         return None
+    return torch.utils.data.DataLoader(rows, batch_size=_eval_batch_size(recipe), shuffle=False,
+                                       collate_fn=prepared.collator)
+
+
+def _eval_batch_size(recipe: dict) -> int:
     tr = recipe.get("training") or {}
-    bs = tr.get("eval_batch_size") or tr.get("batch_size") or 4
-    return torch.utils.data.DataLoader(rows, batch_size=bs, shuffle=False, collate_fn=prepared.collator)
+    return tr.get("eval_batch_size") or tr.get("batch_size") or 4
 
 
-def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen: dict) -> tuple[dict, list[str]]:
-    """One model's metrics: loss metrics over ``dataloader``, text metrics over generated answers."""
+def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen: dict,
+                pair_logps: dict | None = None) -> tuple[dict, list[str]]:
+    """One model's metrics: loss metrics over ``dataloader``, text metrics over generated answers, pair metrics
+    over ``pair_logps`` (the keyword arguments of a "pairs" metric's ``compute``: this model's log-probabilities
+    of each validation pair's responses and the reference's, see :func:`evaluate_model`)."""
     result: dict[str, float] = {}
     owners: dict[str, str] = {}
+
+    def compute(requires: str, **inputs) -> None:
+        for i, (name, m) in enumerate(metrics):
+            if m.requires == requires:
+                _merge(result, name, m.compute(**inputs), owners, i, _declared(m))
+
+    def names(requires: str) -> str:
+        return ", ".join(dict.fromkeys(n for n, m in metrics if m.requires == requires))
+
     if any(m.requires == "loss" for _, m in metrics):
         if dataloader is None:
-            names = ", ".join(dict.fromkeys(n for n, m in metrics if m.requires == "loss"))
-            raise FtkError(f"evaluation: {names} need(s) the loss over a validation split (data.validation_size > 0)")
+            raise FtkError(f"evaluation: {names('loss')} need(s) the loss over a validation split "
+                           f"(data.validation_size > 0)")
         nll, count = PerplexityEvaluator(model, tokenizer).compute_nll(dataloader)
-        for i, (name, m) in enumerate(metrics):
-            if m.requires == "loss":
-                _merge(result, name, m.compute(nll_sum=nll, token_count=count), owners, i, _declared(m))
+        compute("loss", nll_sum=nll, token_count=count)
         result["eval_tokens"] = count
+    if any(m.requires == "pairs" for _, m in metrics):
+        if not pair_logps or not pair_logps.get("chosen_logps"):
+            raise FtkError(f"evaluation: {names('pairs')} need(s) preference pairs in the validation split "
+                           f"(data.validation_size > 0), and it has none")
+        compute("pairs", **pair_logps)
+        result["eval_pairs"] = len(pair_logps["chosen_logps"])
     preds: list[str] = []
     if any(m.requires == "text" for _, m in metrics):
         if not prompts:
             raise FtkError("evaluation: the generation metrics need (prompt, reference) pairs from the "
                            "validation split, and it has none")
         preds = QualitativeEvaluator(model, tokenizer).generate(prompts, **_gen_call_kwargs(gen))
-        for i, (name, m) in enumerate(metrics):
-            if m.requires == "text":
-                _merge(result, name, m.compute(predictions=preds, references=references), owners, i, _declared(m))
+        compute("text", predictions=preds, references=references)
     result["eval_samples"] = len(prompts)
     return result, preds
 
 
+def _pair_inputs(policy, reference) -> dict | None:
+    """A "pairs" metric's ``compute`` keywords from (chosen, rejected) log-probabilities of the scored model and
+    of the reference; None when no pairs were scored."""
+    if policy is None:
+        return None
+    return {"chosen_logps": list(policy[0]), "rejected_logps": list(policy[1]),
+            "ref_chosen_logps": list(reference[0]), "ref_rejected_logps": list(reference[1])}
+
+
 def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_base: bool | None = None) -> dict:
-    """{"finetuned": {...}, "base": {...}, "samples": [...]} (only "base" for a model with no adapter)."""
+    """{"finetuned": {...}, "base": {...}, "samples": [...]} (only "base" for a model with no adapter).
+
+    Metrics of preference pairs get, per validation pair, the summed log-probabilities of the chosen and the
+    rejected response under the scored model and under the reference, the same model with its adapter disabled
+    (DPO's reference for a new adapter): the fine-tuned model is scored against the base, the base against
+    itself (so its implicit rewards are all 0). The base's log-probabilities are computed once for both."""
     ev = recipe.get("evaluation") or {}
-    metrics = build_metrics(recipe, manager)
+    metrics = build_metrics(recipe, manager, data_form=getattr(prepared, "form", "rows"))
     gen = generation_settings(recipe)
     pairs = list(prepared.eval_pairs or [])[: ev.get("max_samples", schema_default("evaluation.max_samples"))]
     prompts = [p for p, _ in pairs]
@@ -431,19 +573,32 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
     has_adapter = hasattr(model, "disable_adapter") and bool(getattr(model, "peft_config", None))
     if compare_base is None:
         compare_base = ev.get("compare_base", schema_default("evaluation.compare_base"))
+    val_pairs = _validation_pairs(prepared) if any(m.requires == "pairs" for _, m in metrics) else []
+
+    def logps():  # (chosen, rejected) of every validation pair under the model as it is now
+        return PreferenceEvaluator(model, tokenizer).compute_logps(val_pairs, _eval_batch_size(recipe)) \
+            if val_pairs else None
+
     out: dict[str, Any] = {}
     preds_ft: list[str] | None = None
     preds_base: list[str] | None = None
     if has_adapter:
         log.info("evaluating the fine-tuned model")
-        out["finetuned"], preds_ft = score_model(model, tokenizer, metrics, loader, prompts, refs, gen)
+        policy = logps()
+        with model.disable_adapter():  # same weights in memory, adapter bypassed: no second load
+            base = logps()
+        out["finetuned"], preds_ft = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
+                                                 _pair_inputs(policy, base))
         if compare_base:
             log.info("evaluating the base model (adapter disabled)")
-            with model.disable_adapter():  # same weights in memory, adapter bypassed: no second load
-                out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen)
+            with model.disable_adapter():
+                out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
+                                                      _pair_inputs(base, base))
     else:
         log.info("evaluating the base model (no adapter)")
-        out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen)
+        base = logps()
+        out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
+                                              _pair_inputs(base, base))
     out["samples"] = [
         {"prompt": p, "reference": r,
          "finetuned": preds_ft[i] if preds_ft else None,
@@ -472,5 +627,5 @@ def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir,
     return out
 
 
-__all__ = ["PerplexityEvaluator", "QualitativeEvaluator", "evaluate_run", "evaluate_model", "build_metrics",
-           "check_metrics", "metric_directions", "score_model", "generation_settings"]
+__all__ = ["PerplexityEvaluator", "QualitativeEvaluator", "PreferenceEvaluator", "evaluate_run", "evaluate_model",
+           "build_metrics", "check_metrics", "metric_directions", "score_model", "generation_settings"]

@@ -11,14 +11,18 @@ from typing import Any
 
 from ftk.io import atomic_write_bytes, atomic_write_text
 
-_NOT_METRICS = ("eval_samples", "eval_tokens")
+_NOT_METRICS = ("eval_samples", "eval_tokens", "eval_pairs")
+# What preference trainers log (TRL's names; validation values carry an "eval_" prefix): the reward panels
+REWARD_CURVES = (("rewards/accuracies", "reward accuracy", "share of pairs, chosen reward higher"),
+                 ("rewards/margins", "reward margin", "mean chosen - rejected reward"))
 
 
-def read_train_log(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
-    """(train points, eval points) as (step, value) from train_log.jsonl; torn or foreign lines skipped."""
-    train, evals = [], []
+def read_log_series(path: Path, keys) -> dict[str, list[tuple[float, float]]]:
+    """{key: [(step, value), ...]} for each of ``keys`` from train_log.jsonl, finite numbers only; torn or
+    foreign lines skipped."""
+    out: dict[str, list[tuple[float, float]]] = {k: [] for k in keys}
     if not path.is_file():
-        return train, evals
+        return out
     for line in path.read_text(encoding="utf-8", errors="replace").splitlines():
         try:
             rec = json.loads(line)
@@ -26,38 +30,85 @@ def read_train_log(path: Path) -> tuple[list[tuple[float, float]], list[tuple[fl
             continue  # a torn last line after a crash
         if not isinstance(rec, dict) or not isinstance(rec.get("step"), (int, float)):
             continue
-        for key, dest in (("loss", train), ("eval_loss", evals)):
+        for key, dest in out.items():
             v = rec.get(key)
-            if isinstance(v, (int, float)) and math.isfinite(v):
+            if isinstance(v, (int, float)) and not isinstance(v, bool) and math.isfinite(v):
                 dest.append((rec["step"], float(v)))
-    return train, evals
+    return out
 
 
-def plot_loss_curve(train, evals, path: Path) -> bool:
-    """Write the PNG atomically; False when there is nothing to plot or matplotlib is missing."""
-    if not train and not evals:
-        return False
+def read_train_log(path: Path) -> tuple[list[tuple[float, float]], list[tuple[float, float]]]:
+    """(train points, eval points) of the loss as (step, value) from train_log.jsonl."""
+    series = read_log_series(path, ("loss", "eval_loss"))
+    return series["loss"], series["eval_loss"]
+
+
+def _pyplot():
+    """matplotlib's pyplot on the Agg backend (no display on servers); None when matplotlib is missing."""
     try:
         import matplotlib
 
-        matplotlib.use("Agg")  # no display on servers
+        matplotlib.use("Agg")
         import matplotlib.pyplot as plt
     except ImportError:
-        return False
-    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
-    if train:
-        ax.plot(*zip(*train), label="training loss", color="tab:blue", linewidth=1.2)
-    if evals:
-        ax.plot(*zip(*evals), label="validation loss", color="tab:orange", marker="o", linewidth=1.2)
-    ax.set_xlabel("optimizer step")
-    ax.set_ylabel("loss (mean token NLL, nats)")
-    ax.grid(alpha=0.3)
-    ax.legend()
+        return None
+    return plt
+
+
+def _save(fig, plt, path: Path) -> None:
+    """Write the figure as a PNG, atomically."""
     fig.tight_layout()
     buf = io.BytesIO()
     fig.savefig(buf, format="png")
     plt.close(fig)
     atomic_write_bytes(path, buf.getvalue())
+
+
+def _draw(ax, train, evals, what: str) -> None:
+    """Training points as a line, validation points as markers, on one panel."""
+    if train:
+        ax.plot(*zip(*train), label=f"training {what}", color="tab:blue", linewidth=1.2)
+    if evals:
+        ax.plot(*zip(*evals), label=f"validation {what}", color="tab:orange", marker="o", linewidth=1.2)
+    ax.set_xlabel("optimizer step")
+    ax.grid(alpha=0.3)
+    ax.legend()
+
+
+def plot_loss_curve(train, evals, path: Path, ylabel: str = "loss (mean token NLL, nats)") -> bool:
+    """Write the PNG atomically; False when there is nothing to plot or matplotlib is missing."""
+    plt = _pyplot() if train or evals else None
+    if plt is None:
+        return False
+    fig, ax = plt.subplots(figsize=(7, 4), dpi=100)
+    _draw(ax, train, evals, "loss")
+    ax.set_ylabel(ylabel)
+    _save(fig, plt, path)
+    return True
+
+
+def read_reward_log(path: Path) -> dict[str, tuple[list, list]]:
+    """{TRL key: (train points, eval points)} for the reward curves train_log.jsonl has points of (none: {})."""
+    series = read_log_series(path, [k for key, *_ in REWARD_CURVES for k in (key, "eval_" + key)])
+    return {key: (series[key], series["eval_" + key]) for key, *_ in REWARD_CURVES
+            if series[key] or series["eval_" + key]}
+
+
+def plot_reward_curves(curves: dict[str, tuple[list, list]], path: Path) -> bool:
+    """One panel per reward curve of :func:`read_reward_log` side by side, in one PNG written atomically;
+    False when there is nothing to plot or matplotlib is missing."""
+    plt = _pyplot() if curves else None
+    if plt is None:
+        return False
+    panels = [panel for panel in REWARD_CURVES if panel[0] in curves]
+    fig, axes = plt.subplots(1, len(panels), figsize=(6 * len(panels), 4), dpi=100, squeeze=False)
+    for ax, (key, what, label) in zip(axes[0], panels):
+        _draw(ax, *curves[key], what)
+        ax.set_ylabel(f"{what} ({label})")
+        if key == "rewards/accuracies":
+            ax.axhline(0.5, color="grey", linestyle=":", linewidth=1)  # chance
+            ax.set_ylim(-0.02, 1.02)
+    _save(fig, plt, path)
     return True
 
 
@@ -200,19 +251,31 @@ def write_report(output_dir, recipe: dict, metrics: dict, manager=None) -> Path:
     fin = (metrics or {}).get("finetuned") or (metrics or {}).get("base") or {}
     if "eval_samples" in fin or "eval_tokens" in fin:
         md += [f"Generation metrics over {fin.get('eval_samples', 0)} validation prompts; loss metrics "
-               f"over {fin.get('eval_tokens', 0)} validation tokens (see docs/evaluation.md for the formulas).", ""]
+               f"over {fin.get('eval_tokens', 0)} validation tokens"
+               + (f"; preference metrics over {fin['eval_pairs']} validation pairs, rewards relative to the base "
+                  f"model" if "eval_pairs" in fin else "")
+               + " (see docs/evaluation.md for the formulas).", ""]
     train = (metrics or {}).get("train")
     if isinstance(train, dict) and train:
         md += ["## Training", ""] + [f"- {k}: {_fmt(v)}" for k, v in train.items()
                                      if isinstance(v, (int, float, str, bool)) or v is None] + [""]
     md += ["## Loss curve", ""]
     tr_pts, ev_pts = read_train_log(out / "train_log.jsonl")
-    if plot_loss_curve(tr_pts, ev_pts, out / "loss_curve.png"):
+    rewards = read_reward_log(out / "train_log.jsonl")  # only a preference trainer logs rewards
+    ylabel = "loss (the preference trainer's objective)" if rewards else "loss (mean token NLL, nats)"
+    if plot_loss_curve(tr_pts, ev_pts, out / "loss_curve.png", ylabel):
         md += ["![training and validation loss](loss_curve.png)", "",
                f"{len(tr_pts)} training and {len(ev_pts)} validation points from train_log.jsonl.", ""]
     else:
         md += ["No loss curve: " + ("train_log.jsonl has no loss values." if (out / "train_log.jsonl").exists()
                                     else "no train_log.jsonl in this folder (or matplotlib is missing)."), ""]
+    if rewards and plot_reward_curves(rewards, out / "reward_curves.png"):
+        counts = "; ".join(f"{key}: {len(t)} training and {len(e)} validation points"
+                           for key, (t, e) in rewards.items())
+        md += ["## Reward curves", "", "![reward accuracy and margin](reward_curves.png)", "",
+               f"DPO's implicit reward as the trainer logged it, from train_log.jsonl ({counts}). The trainer's "
+               f"accuracy counts a tie (chosen and rejected reward equal, as at the start) as 0; the table's "
+               f"reward_accuracy counts it as 0.5.", ""]
     samples = (metrics or {}).get("samples") or []
     md += ["## Sample generations", ""]
     if not samples:
@@ -229,4 +292,5 @@ def write_report(output_dir, recipe: dict, metrics: dict, manager=None) -> Path:
     return path
 
 
-__all__ = ["write_report", "metrics_table", "read_train_log", "plot_loss_curve", "same_warning"]
+__all__ = ["write_report", "metrics_table", "read_train_log", "plot_loss_curve", "read_reward_log",
+           "plot_reward_curves", "same_warning"]

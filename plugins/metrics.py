@@ -1,4 +1,4 @@
-"""Built-in metrics: `perplexity`, `bleu`, `rouge`.
+"""Built-in metrics: `perplexity`, `bleu`, `rouge`, `preference`.
 
 BLEU and ROUGE delegate to the reference packages (sacreBLEU, rouge-score) so ftk's numbers are the
 numbers papers report; ftk only adapts the calling convention. The packages are imported inside the
@@ -43,6 +43,17 @@ ROUGE_SCHEMA = {
                              "description": "Also report <type>_precision and <type>_recall."},
     },
 }
+
+
+PREFERENCE_SCHEMA = {
+    "type": "object",
+    "properties": {
+        "beta": {"type": "number", "exclusiveMinimum": 0, "default": 0.1,
+                 "description": "DPO's beta: reward = beta x (log-prob under the model - under the reference). "
+                                "Set it to the trainer's beta (0.1 is TRL's default)."},
+    },
+}
+PREFERENCE_KEYS = ["reward_accuracy", "reward_margin", "logps_chosen", "logps_rejected"]
 
 
 def _with_defaults(metric: str, options: dict | None, schema: dict) -> dict:
@@ -155,6 +166,39 @@ class Rouge:
         return out
 
 
+class Preference:
+    """DPO's implicit reward on held-out preference pairs: reward = beta x (log-prob under the scored model -
+    log-prob under the reference), per response. ``reward_accuracy``: share of pairs whose chosen reward exceeds
+    the rejected one, a tie counting 0.5 (so a model equal to its reference, whose rewards are all 0, scores
+    chance); ``reward_margin``: mean of chosen - rejected reward; ``logps_chosen``/``logps_rejected``: mean
+    summed log-probability of the responses under the scored model."""
+
+    requires = "pairs"
+
+    def __init__(self, options=None):
+        self.options = _with_defaults("preference", options, PREFERENCE_SCHEMA)
+        self.beta = self.options["beta"]
+        if isinstance(self.beta, bool) or not isinstance(self.beta, (int, float)) or not self.beta > 0:
+            raise FtkError(f"metric 'preference': beta must be a number above 0, got {self.beta!r}")
+
+    def compute(self, chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps) -> dict[str, float]:
+        cols = [[float(v) for v in c] for c in (chosen_logps, rejected_logps, ref_chosen_logps, ref_rejected_logps)]
+        n = len(cols[0])
+        if any(len(c) != n for c in cols):
+            raise FtkError(f"metric 'preference': {', '.join(str(len(c)) for c in cols)} log-probabilities for "
+                           f"chosen, rejected, reference chosen, reference rejected; expected one each per pair")
+        if n == 0:
+            raise FtkError("metric 'preference': no preference pairs to score")
+        if any(math.isnan(v) for c in cols for v in c):
+            raise FtkError("metric 'preference': a log-probability is NaN")
+        chosen, rejected, ref_chosen, ref_rejected = cols
+        margins = [self.beta * (c - rc) - self.beta * (r - rr)
+                   for c, r, rc, rr in zip(chosen, rejected, ref_chosen, ref_rejected)]
+        return {"reward_accuracy": sum(1.0 if m > 0 else 0.5 if m == 0 else 0.0 for m in margins) / n,
+                "reward_margin": sum(margins) / n,
+                "logps_chosen": sum(chosen) / n, "logps_rejected": sum(rejected) / n}
+
+
 def rouge_keys(options: dict) -> list[str]:
     """The keys ``Rouge.compute`` returns for these options (declared up front, so clashes are found early)."""
     o = _with_defaults("rouge", options, ROUGE_SCHEMA)
@@ -171,3 +215,7 @@ def ftk_register_metrics(register):
              options_schema=BLEU_SCHEMA, info=MetricInfo(keys=["bleu"], higher_is_better=True, requires="text"))
     register("rouge", Rouge, description="ROUGE-1/2/L/Lsum F-measure via rouge-score (stemming on)",
              options_schema=ROUGE_SCHEMA, info=MetricInfo(keys=rouge_keys, higher_is_better=True, requires="text"))
+    register("preference", Preference, description="DPO implicit-reward accuracy and margin on held-out preference "
+             "pairs, with their log-probabilities", options_schema=PREFERENCE_SCHEMA,
+             info=MetricInfo(keys=PREFERENCE_KEYS, higher_is_better={"reward_accuracy": True, "reward_margin": True},
+                             requires="pairs"))

@@ -44,6 +44,7 @@ class Declared:
                  info=MetricInfo(keys=lambda o: [o["key"]], higher_is_better=False, requires="text"))
         register("undeclared", Undeclared, options_schema={"type": "object", "properties": {"key": {"type": "string"}}})
         register("pairwise", EditDistance, info=MetricInfo(keys=["pairwise"], requires="pairs"))
+        register("imagewise", EditDistance, info=MetricInfo(keys=["imagewise"], requires="images"))
 
 
 @pytest.fixture
@@ -147,10 +148,12 @@ def test_disjoint_keys_of_the_same_metric_are_accepted(mgr):
 
 
 def test_other_declaration_errors(mgr):
-    recipe = {"evaluation": {"metrics": [{"name": "pairwise"}, {"name": "edit_distance", "key": "eval_tokens"}]}}
+    recipe = {"evaluation": {"metrics": [{"name": "imagewise"}, {"name": "edit_distance", "key": "eval_tokens"},
+                                         {"name": "pairwise"}]}}
+    # "pairs" is an input ftk supplies (whether this run's data can is build_metrics' check, by the trainer)
     assert check_metrics(recipe, mgr) == [
-        "evaluation.metrics[0]: metric 'pairwise' (plugin declared) requires 'pairs', which this ftk cannot supply "
-        "(it supplies text, loss)",
+        "evaluation.metrics[0]: metric 'imagewise' (plugin declared) requires 'images', which this ftk cannot supply "
+        "(it supplies text, loss, pairs)",
         "evaluation.metrics[1]: metric 'edit_distance' declares 'eval_tokens', a key ftk itself reports"]
 
 
