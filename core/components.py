@@ -113,6 +113,25 @@ class QuantizationPlan:
     # ``weights_in(parameter) -> int``: how many weights a parameter holds when its storage packs several
     # per element (4-bit: two per byte); None: ``numel()``. For the run's parameter count.
     weights_in: Callable[[Any], int] | None = None
+    # Of ``bytes_per_weight``, the bytes kept outside the model's parameters (since 0.1.0; bitsandbytes:
+    # the block constants of its quant state). FSDP shards parameters only, so every process keeps these
+    # whole; ``ftk plan`` counts them unsharded. None: every byte is in the parameters.
+    replicated_bytes_per_weight: float | None = None
+
+
+@dataclass(frozen=True)
+class Sharding:
+    """How the model's parameters will be sharded (``ModelContext.sharding``, since 0.1.0), for a quantizer
+    whose weights live in packed tensors: FSDP splits every parameter on its first dimension across
+    ``processes`` and all-gathers it for compute, casting floating-point parameters to ``param_dtype``
+    (None: each keeps its own dtype); integer parameters are never cast. Packed weights must survive
+    that: stored in an integer dtype, or in ``param_dtype`` when it is set (a cast of packed words
+    corrupts them). ftk's own 4-bit quantizers store them in their compute dtype and refuse a
+    ``param_dtype`` other than it."""
+
+    strategy: str  # "fsdp"
+    processes: int
+    param_dtype: str | None  # "bfloat16", "float16" or None
 
 
 @dataclass
@@ -122,6 +141,9 @@ class ModelContext:
     model_config: Any  # transformers.PretrainedConfig
     recipe: dict
     targets_for: Callable[[str], list[str] | None] | None = None  # preset -> module names (hook)
+    # how the loaded model will be sharded across processes (since 0.1.0); None: it will not be (one
+    # process, or DDP, where every process holds the whole model)
+    sharding: Sharding | None = None
 
 
 @dataclass(frozen=True)

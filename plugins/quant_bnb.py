@@ -143,11 +143,18 @@ def plan(options, ctx, *, method: str):
         if cdt == "auto":
             prec = ctx.recipe["training"]["precision"]
             cdt = {"bf16": "bfloat16", "fp16": "float16"}.get(prec, "float32")
+        storage = _sharded_storage(ctx.sharding, cdt, options)
         cfg = BitsAndBytesConfig(load_in_4bit=True, bnb_4bit_quant_type=method,
                                  bnb_4bit_use_double_quant=bool(options["nested"]),
-                                 bnb_4bit_compute_dtype=getattr(torch, cdt), llm_int8_skip_modules=skip)
-        notes.insert(0, f"{method} 4-bit{' nested' if options['nested'] else ''}, compute {cdt}")
+                                 bnb_4bit_compute_dtype=getattr(torch, cdt), llm_int8_skip_modules=skip,
+                                 **({"bnb_4bit_quant_storage": getattr(torch, storage)} if storage else {}))
+        notes.insert(0, f"{method} 4-bit{' nested' if options['nested'] else ''}, compute {cdt}"
+                        + (f", packed in {storage} for sharding" if storage else ""))
     else:
+        if ctx.sharding is not None:
+            # Int8Params carry their scales on the parameter object, which sharding replaces
+            raise FtkError(f"model.quantization.method: int8 cannot be sharded by distributed.strategy "
+                           f"{ctx.sharding.strategy!r}; use nf4 or fp4, or distributed.strategy \"ddp\"")
         import warnings
 
         # bitsandbytes warns on every int8 matmul that fp32 inputs are cast to fp16; once is enough
@@ -158,8 +165,28 @@ def plan(options, ctx, *, method: str):
     return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True,
                             after_load=keep_trainable_layout if four_bit else None,
                             bytes_per_weight=FOUR_BIT_BYTES[bool(options["nested"])] if four_bit else 1.0,
+                            replicated_bytes_per_weight=(FOUR_BIT_BYTES[bool(options["nested"])] - 0.5) if four_bit
+                            else None,
                             quantizes=_whole_blocks if four_bit else None, count_quantized=count_quantized,
                             weights_in=weights_in)
+
+
+def _sharded_storage(sharding, compute_dtype: str, options) -> str | None:
+    """The dtype 4-bit weights are packed in when the model is sharded (ftk.components.Sharding): the
+    compute dtype, which FSDP's mixed precision casts floating-point parameters to, so the packed words
+    reach bitsandbytes unchanged (a cast from float32 to bfloat16 halves their bytes and dequantization
+    fails). None when not sharded (bitsandbytes' uint8 default)."""
+    if sharding is None:
+        return None
+    if sharding.param_dtype not in (None, compute_dtype):
+        from ftk.errors import FtkError
+
+        key = ("model.quantization.compute_dtype" if options["compute_dtype"] != "auto"
+               else "training.precision")
+        raise FtkError(f"{key}: 4-bit weights computed in {compute_dtype} cannot be sharded with "
+                       f"distributed.fsdp.mixed_precision casting parameters to {sharding.param_dtype}; make them "
+                       f"agree, or set distributed.fsdp.mixed_precision to false")
+    return compute_dtype
 
 
 def weights_in(param) -> int:
