@@ -40,20 +40,23 @@ def cpu_has_fast_bf16() -> bool:
     return bool({"amx_bf16", "avx512_bf16"} & set(cpu_info()["features"]))
 
 
-def resolve_precision(requested: str) -> str:
+def resolve_precision(requested: str, cuda: bool | None = None) -> str:
     """``auto`` -> bf16 where it is fast (bf16 GPUs, AMX/AVX512-BF16 CPUs), fp16 on other GPUs, else fp32.
-    An explicit choice the hardware cannot run is a FtkError, not a silent fallback."""
+    An explicit choice the hardware cannot run is a FtkError, not a silent fallback. ``cuda``: resolve for
+    CUDA GPUs (True) or this CPU (False) instead of this machine (``ftk plan --device``); GPUs that are
+    not this machine's are assumed to support bf16."""
     import torch
 
-    cuda = torch.cuda.is_available()
+    here = torch.cuda.is_available()
+    cuda = here if cuda is None else cuda
     if requested == "auto":
         if cuda:
-            return "bf16" if torch.cuda.is_bf16_supported() else "fp16"
+            return "bf16" if not here or torch.cuda.is_bf16_supported() else "fp16"
         return "bf16" if cpu_has_fast_bf16() else "fp32"
     if requested == "fp16" and not cuda:
         raise FtkError("training.precision: fp16 mixed precision needs a CUDA GPU (none found); "
                        "use \"bf16\", \"fp32\" or \"auto\"")
-    if requested == "bf16" and cuda and not torch.cuda.is_bf16_supported():
+    if requested == "bf16" and cuda and here and not torch.cuda.is_bf16_supported():
         raise FtkError(f"training.precision: this GPU ({torch.cuda.get_device_name(0)}) has no bf16 support; "
                        f"use \"fp16\" or \"auto\"")
     if requested not in PRECISIONS:
@@ -182,17 +185,24 @@ def load_base(recipe: dict, plan=None, precision: str = "fp32"):
         raise FtkError(f"model.name: cannot load {m['name']!r}: {msg}") from None
 
 
-def model_context(recipe: dict, manager, config=None):
+def model_context(recipe: dict, manager, config=None, cuda: bool | None = None, processes: int | None = None):
     """(ModelContext, resolved precision) for quantizer and adapter factories; they see the concrete
-    precision, never "auto"."""
+    precision, never "auto", and how the model will be sharded. ``cuda``/``processes``: the machine the
+    model will train on (``ftk plan --device/--nproc``), by default this one and this launch."""
     from ftk.components import ModelContext
+    from ftk.distributed import sharding
 
     config = config if config is not None else _load_config(recipe["model"])
-    precision = resolve_precision(recipe["training"]["precision"])
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    precision = resolve_precision(recipe["training"]["precision"], cuda)
     ctx_recipe = copy.deepcopy(dict(recipe))
     ctx_recipe.setdefault("training", {})["precision"] = precision
     ctx = ModelContext(model_config=config, recipe=ctx_recipe,
-                       targets_for=lambda preset: manager.adapter_targets(config.model_type, preset))
+                       targets_for=lambda preset: manager.adapter_targets(config.model_type, preset),
+                       sharding=sharding(recipe, precision, cuda, processes))
     return ctx, precision
 
 

@@ -90,27 +90,37 @@ def _hf_config(config):
     return AutoConfig.for_model(kw.pop("model_type", "llama"), **kw)
 
 
-def declared_sizes(config, recipe: dict, manager, compute_bytes: int = 2) -> dict:
+def declared_sizes(config, recipe: dict, manager, compute_bytes: int = 2, cuda: bool | None = None,
+                   processes: int = 1) -> dict:
     """What the recipe's quantizer and adapter declare for this model (``recipe``: defaults filled):
-    ``quantized`` / ``unquantized`` linear parameters and ``weight_bytes`` of the quantized ones,
-    ``trainable`` parameters, ``adapter_activations`` (bytes per token in one decoder layer); None (0 for
-    activations) where a component does not say, with the reason in ``unknown``."""
+    ``quantized`` / ``unquantized`` linear parameters and ``weight_bytes`` of the quantized ones (of which
+    ``replicated_weight_bytes`` outside the parameters: FSDP does not shard them), ``trainable``
+    parameters, ``adapter_activations`` (bytes per token in one decoder layer), and the same for one
+    decoder layer (``layer_weight_bytes``, ``layer_unquantized``, ``layer_trainable``); None (0 for
+    activations) where a component does not say, with the reason in ``unknown``. ``cuda``/``processes``:
+    the machine and launch planned for."""
     from ftk.model import model_context, quantization_plan
 
     shape = Shape.from_config(config)
     linears = shape.linears()
-    ctx, _ = model_context(recipe, manager, _hf_config(config))
+    ctx, _ = model_context(recipe, manager, _hf_config(config), cuda=cuda, processes=processes)
     qname, qplan = quantization_plan(recipe, manager, ctx)
-    out = {"quantized": None, "unquantized": None, "weight_bytes": None, "trainable": None,
-           "adapter_activations": 0, "unknown": []}
+    out = {"quantized": None, "unquantized": None, "weight_bytes": None, "replicated_weight_bytes": 0,
+           "trainable": None, "adapter_activations": 0, "layer_weight_bytes": None, "layer_unquantized": None,
+           "layer_trainable": None, "unknown": []}
     quantizes = qplan.quantizes
     if quantizes is None and qplan.bytes_per_weight is not None:
         quantizes = _every_layer
     q = None if quantizes is None else sum(i * o for n, (i, o) in linears.items() if quantizes(n, i, o))
     if q is not None:
         out["quantized"], out["unquantized"] = q, sum(i * o for i, o in linears.values()) - q
+        first = shape.linears(range(1))
+        q1 = sum(i * o for n, (i, o) in first.items() if quantizes(n, i, o))
+        out["layer_unquantized"] = sum(i * o for i, o in first.values()) - q1
     if q == 0 or (q is not None and qplan.bytes_per_weight is not None):
         out["weight_bytes"] = q * qplan.bytes_per_weight if q else 0
+        out["layer_weight_bytes"] = q1 * qplan.bytes_per_weight if q1 else 0
+        out["replicated_weight_bytes"] = q * (qplan.replicated_bytes_per_weight or 0)
     else:
         out["unknown"].append(f"weights: unknown for quantizer {qname!r} (it declares no bytes_per_weight)")
     aopts = dict(recipe["adapter"])
@@ -127,6 +137,8 @@ def declared_sizes(config, recipe: dict, manager, compute_bytes: int = 2) -> dic
             continue
         with manager.calling(comp, phase):
             out[key] = int(fn(aopts, where, ctx, *extra))
+            if key == "trainable":
+                out["layer_trainable"] = int(fn(aopts, shape.linears(range(1)), ctx))
     return out
 
 
@@ -138,15 +150,23 @@ def _times(n, k):
     return None if n is None else n * k
 
 
-def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> dict:
-    """Peak memory estimate in bytes, split by what holds it (None: a component does not declare it)."""
+def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, processes: int = 1) -> dict:
+    """Peak memory estimate in bytes of one process of ``processes`` (one rank), split by what holds it
+    (None: a component does not declare it). Under distributed.strategy "fsdp" the weights, the adapter,
+    its gradients and optimizer state are divided among the processes, and the decoder layers being
+    computed (two: the one running and the one prefetched) and the root unit are gathered whole; under
+    "ddp" every process holds everything."""
     if manager is None:
         from ftk.manager import get_manager
 
         manager = get_manager()
+    from ftk import distributed
+
     recipe = _filled(recipe, manager)
     d = _compute_bytes(recipe, cuda)
-    sizes = declared_sizes(config, recipe, manager, d)
+    sizes = declared_sizes(config, recipe, manager, d, cuda=cuda, processes=processes)
+    dist = distributed.settings(recipe)
+    n = processes if dist["strategy"] == "fsdp" else 1  # how many ways the parameters are sharded
     s = Shape.from_config(config)
     # what one example costs the training method (its TrainerPlan says): sequences through the model with
     # gradient (a preference pair: 2) and without it while those activations are kept (a reference pass)
@@ -170,6 +190,30 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     grads = _times(lora_params, 4)
     opt = recipe["training"]["optimizer"]
     optimizer = _times(lora_params, 2 if "8bit" in opt else (0 if opt == "sgd" else 8))
+    unsharded = offloaded = loading = 0
+    if n > 1:
+        loading = weights  # every process loads the whole quantized model, then shards it
+        fs = dist["fsdp"]
+        layer = None  # one decoder layer whole: what FSDP all-gathers for its forward and backward
+        if sizes["layer_weight_bytes"] is not None and sizes["layer_trainable"] is not None:
+            layer = sizes["layer_weight_bytes"] + (sizes["layer_unquantized"] + 2 * s.hidden) * store \
+                + sizes["layer_trainable"] * 4
+        root = (emb + s.hidden) * store  # embeddings, final norm, head: gathered from forward to backward
+        if weights is not None:
+            # constants outside the parameters (a 4-bit quantizer's quant state) stay whole on every rank
+            rep = sizes["replicated_weight_bytes"]
+            weights = _shard(weights - rep, n) + rep
+        lora, grads, optimizer = _shard(lora, n), _shard(grads, n), _shard(optimizer, n)
+        if layer is None or weights is None:
+            unsharded = None
+        elif fs["reshard_after_forward"]:
+            unsharded = 2 * layer + root  # the running layer and the prefetched one
+        else:
+            unsharded = s.layers * layer + root  # every layer stays gathered from its forward to backward
+        if fs["cpu_offload"] and cuda:
+            # shards, gradients and optimizer state live in host memory
+            offloaded = None if None in (weights, lora, grads, optimizer) else weights + lora + grads + optimizer
+            weights, lora, grads, optimizer = 0, 0, 0, 0
 
     h, i, kv = s.hidden, s.intermediate, s.hidden // s.heads * s.kv_heads
     if d != 2:
@@ -200,9 +244,13 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
     ckpt_bytes = 0 if cuda else (linear + emb + norms) * _DTYPE_BYTES.get(
         str(_get(config, "dtype") or "float32").replace("torch.", ""), 4)
     parts = {"weights": weights, "lora_weights": lora, "optimizer_state": optimizer, "gradients": grads,
-             "activations": activations, "logits": logits, "reference_pass": reference, "checkpoint_pages": ckpt_bytes}
+             "unsharded_units": unsharded, "activations": activations, "logits": logits,
+             "reference_pass": reference, "checkpoint_pages": ckpt_bytes}
     known = [v for v in parts.values() if v is not None]
-    parts["total"] = sum(known) if len(known) == len(parts) else None
+    training = sum(known) if len(known) == len(parts) else None
+    parts["loading"] = loading
+    parts["total"] = None if training is None or loading is None else max(training, loading)
+    parts["offloaded_to_host"] = offloaded
     params = linear + emb + norms
     return {
         "parameters": int(params),
@@ -211,16 +259,25 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None) -> d
         "bytes": {k: _int(v) for k, v in parts.items()},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
                         "quantized_linear_parameters": _int(quantized), "sequences_per_example": seqs,
-                        "reference_sequences_per_example": ref_seqs},
+                        "reference_sequences_per_example": ref_seqs, "device": "cuda" if cuda else "cpu",
+                        "processes": processes, "strategy": dist["strategy"], "shards": n},
         "unknown": sizes["unknown"],
     }
+
+
+def _shard(nbytes, n: int):
+    """One process's part of ``nbytes`` split ``n`` ways (FSDP pads each tensor to a multiple of n rows)."""
+    return None if nbytes is None else -(-nbytes // n)
 
 
 def _int(v):
     return None if v is None else int(v)
 
 
-def plan(recipe: dict, manager, with_data: bool = True) -> dict:
+def plan(recipe: dict, manager, with_data: bool = True, device: str | None = None,
+         processes: int | None = None) -> dict:
+    """``device`` ("cuda" or "cpu"; default: this machine's) and ``processes`` (default: this launch's
+    WORLD_SIZE) describe the run planned for, which need not be on this machine."""
     from transformers import AutoConfig
 
     m = recipe["model"]
@@ -230,9 +287,13 @@ def plan(recipe: dict, manager, with_data: bool = True) -> dict:
 
     from ftk.model import resolve_precision
 
-    concrete = copy.deepcopy(dict(recipe))  # "auto" precision as this machine would run it
-    concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"]["precision"])
-    out = estimate_memory(cfg, concrete, cuda=torch.cuda.is_available(), manager=manager)
+    cuda = torch.cuda.is_available() if device is None else device == "cuda"
+    from ftk.distributed import world_size
+
+    processes = processes or world_size()
+    concrete = copy.deepcopy(dict(recipe))  # "auto" precision as the planned machine would run it
+    concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"]["precision"], cuda)
+    out = estimate_memory(cfg, concrete, cuda=cuda, manager=manager, processes=processes)
     if with_data:
         from ftk import data as data_mod
         from ftk import model as model_mod
@@ -244,16 +305,10 @@ def plan(recipe: dict, manager, with_data: bool = True) -> dict:
         rows = len(prepared.train) if hasattr(prepared.train, "__len__") else None
         out["data"] = {"train_rows": rows, "stats": st}
         if rows is not None:
-            per_step = tr["batch_size"] * tr["gradient_accumulation_steps"] * int(_world())
+            per_step = tr["batch_size"] * tr["gradient_accumulation_steps"] * processes
             steps = math.ceil(rows / per_step) * tr["epochs"]
             out["data"]["estimated_steps"] = int(min(steps, tr["max_steps"])) if tr["max_steps"] > 0 else int(steps)
     return out
-
-
-def _world() -> int:
-    import os
-
-    return int(os.environ.get("WORLD_SIZE", "1"))
 
 
 def human(n: float) -> str:
@@ -266,21 +321,33 @@ def human(n: float) -> str:
 def format_plan(p: dict) -> str:
     b = p["bytes"]
     t = p["trainable_parameters"]
+    a = p["assumptions"]
+    who = (f"per process, {a['processes']} {a['device']} processes ({a['strategy']}"
+           + (f": weights, adapter, gradients and optimizer state sharded {a['shards']} ways)" if a["shards"] > 1
+              else ": every process holds the whole model)") if a["processes"] > 1 else f"one {a['device']} process")
     lines = [f"parameters: {p['parameters']:,}",
              "trainable (adapter) parameters: "
              + (f"{t:,} ({100 * p['trainable_share']:.3f}%)" if t is not None else "unknown"),
-             "peak memory estimate:"]
-    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "activations", "logits", "reference_pass",
-              "checkpoint_pages", "total"):
-        if k == "reference_pass" and not b.get(k):
-            continue  # methods without a reference model
-        lines.append(f"  {k:<16} {human(b[k]) if b[k] is not None else 'unknown':>11}")
-    a = p["assumptions"]
+             f"peak memory estimate, {who}:"]
+    for k in ("weights", "lora_weights", "optimizer_state", "gradients", "unsharded_units", "activations", "logits",
+              "reference_pass", "checkpoint_pages", "loading", "total", "offloaded_to_host"):
+        if k in ("reference_pass", "unsharded_units", "loading", "offloaded_to_host") and b.get(k) == 0:
+            continue  # methods without a reference model; not sharded; no offload
+        note = {"loading": "  (each process loads the whole quantized model, then shards it)",
+                "total": "  (the larger of training and loading)" if b.get("loading") else ""}.get(k, "")
+        lines.append(f"  {k:<17} {human(b[k]) if b[k] is not None else 'unknown':>11}{note}")
     per = a.get("sequences_per_example", 1)
     lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens"
                  + (f" ({per} sequences per example)" if per > 1 else "")
                  + f", {a['compute_bytes']}-byte compute, "
                  f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'})")
+    if "device_memory" in p:
+        have, need = p["device_memory"], b["total"]
+        lines.append("  fits: unknown (the total is unknown)" if need is None else
+                     f"  fits in {human(have)} per process: " + (f"yes, {human(have - need)} left" if need <= have
+                                                                  else f"no, {human(need - have)} short")
+                     + (" (the CUDA context and allocator slack, about 1 GiB, are not included)" if a["device"] == "cuda"
+                        else ""))
     lines.extend(f"  {u}" for u in p.get("unknown") or [])
     if "data" in p:
         d = p["data"]

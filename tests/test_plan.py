@@ -112,3 +112,74 @@ def test_estimate_within_25_percent_of_measured_cpu_peak(tmp_path):
     ratio = res["delta"] / est
     print(f"measured {res['delta'] / 2**20:.0f} MiB, estimated {est / 2**20:.0f} MiB, ratio {ratio:.2f}")
     assert 0.75 <= ratio <= 1.25, ratio
+
+
+LLAMA_70B = {"vocab_size": 32000, "hidden_size": 8192, "intermediate_size": 28672, "num_hidden_layers": 80,
+             "num_attention_heads": 64, "num_key_value_heads": 8}
+
+
+def test_per_process_memory_under_fsdp_and_ddp():
+    """Under fsdp the sharded parts divide by the processes (the quant state outside the parameters does
+    not), two gathered decoder layers and the root unit come on top, and loading holds the whole quantized
+    model on every process; under ddp every process holds what one process holds."""
+    r = seed_recipe(True)
+    r["training"]["optimizer"] = "adamw_torch"
+    one = estimate_memory(LLAMA_70B, r, cuda=True)["bytes"]
+    ddp8 = estimate_memory(LLAMA_70B, r, cuda=True, processes=8)
+    assert ddp8["bytes"] == one and ddp8["assumptions"]["shards"] == 1
+    r["distributed"] = {"strategy": "fsdp"}
+    fsdp8 = estimate_memory(LLAMA_70B, r, cuda=True, processes=8)
+    b = fsdp8["bytes"]
+    assert fsdp8["assumptions"]["shards"] == 8
+    for k in ("lora_weights", "optimizer_state", "gradients"):
+        assert b[k] == -(-one[k] // 8)
+    # nested NF4: 0.5 byte packed per weight (sharded) + ~1/64 byte of constants (every process keeps them)
+    quantized = fsdp8["assumptions"]["quantized_linear_parameters"]
+    replicated = quantized * (1 / 64 + 4 / (64 * 256))
+    assert abs(b["weights"] - ((one["weights"] - replicated) / 8 + replicated)) < 1024
+    assert b["activations"] == one["activations"] and b["loading"] == one["weights"]
+    r["distributed"]["fsdp"] = {"reshard_after_forward": False}
+    kept = estimate_memory(LLAMA_70B, r, cuda=True, processes=8)["bytes"]["unsharded_units"]
+    # gathered: the running layer and the prefetched one, or all 80 kept from forward to backward; plus the
+    # root unit (embeddings, head, final norm in bf16)
+    layer = (kept - b["unsharded_units"]) / 78
+    linear = 2 * 8192 * 8192 + 2 * 8192 * 1024 + 3 * 8192 * 28672
+    assert abs(layer / (linear * (0.5 + 1 / 64 + 4 / (64 * 256))) - 1) < 0.01  # its 4-bit weights (+ norms, LoRA)
+    assert b["unsharded_units"] - 2 * layer == (2 * 32000 * 8192 + 8192) * 2
+    r["distributed"]["fsdp"] = {"cpu_offload": True}
+    off = estimate_memory(LLAMA_70B, r, cuda=True, processes=8)["bytes"]
+    assert off["weights"] == off["optimizer_state"] == 0
+    assert off["offloaded_to_host"] == b["weights"] + b["lora_weights"] + b["gradients"] + b["optimizer_state"]
+
+
+def test_plan_for_another_machine(tmp_path):
+    """`ftk plan --device cuda --nproc N --device-memory SIZE` on this CPU machine: 70B QLoRA trains on
+    2 x 24 GiB under fsdp, but each process first loads the whole 4-bit model; 8 x 80 GB fits."""
+    model = tmp_path / "llama70b"
+    model.mkdir()
+    (model / "config.json").write_text(json.dumps({"model_type": "llama", "architectures": ["LlamaForCausalLM"],
+                                                   **LLAMA_70B}))
+    recipe = {"model": {"name": str(model)}, "adapter": {"method": "lora", "r": 16},
+              "data": {"datasets": [{"loader": "alpaca", "path": str(ALPACA)}], "max_length": 512},
+              "training": {"batch_size": 1, "optimizer": "adamw_torch"}, "distributed": {"strategy": "fsdp"}}
+    (tmp_path / "r.json").write_text(json.dumps(recipe))
+
+    def plan(*args):
+        p = subprocess.run([sys.executable, "-m", "ftk", "plan", str(tmp_path / "r.json"), "--no-data", *args],
+                           capture_output=True, text=True, cwd=ROOT)
+        assert p.returncode == 0, p.stderr[-2000:]
+        return p.stdout
+
+    two = json.loads(plan("--device", "cuda", "--nproc", "2", "--device-memory", "24GiB", "--json"))
+    a = two["assumptions"]
+    assert (a["device"], a["processes"], a["strategy"], a["shards"], a["compute_bytes"]) == ("cuda", 2, "fsdp", 2, 2)
+    assert a["gradient_checkpointing"] and two["bytes"]["checkpoint_pages"] == 0
+    training = sum(v for k, v in two["bytes"].items() if k not in ("loading", "total", "offloaded_to_host"))
+    assert training < 24 * GB < two["bytes"]["loading"] == two["bytes"]["total"] and two["fits"] is False
+    text = plan("--device", "cuda", "--nproc", "8", "--device-memory", "80GB")
+    assert "per process, 8 cuda processes (fsdp" in text and "fits in 74.51 GiB per process: yes" in text
+    ddp = plan("--device", "cuda", "--nproc", "8", "--set", "distributed.strategy=ddp")
+    assert "every process holds the whole model" in ddp and "unsharded_units" not in ddp
+    bad = subprocess.run([sys.executable, "-m", "ftk", "plan", str(tmp_path / "r.json"), "--no-data",
+                          "--device-memory", "lots"], capture_output=True, text=True, cwd=ROOT)
+    assert bad.returncode == 2 and "expected a size such as 24GiB" in bad.stderr
