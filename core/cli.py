@@ -96,8 +96,10 @@ def validate(ctx, recipe, overrides, show):
     """Check a recipe against the schema and the chosen plugins' options. Exit 0 if valid, 2 if not."""
     from ftk.recipe import hardware_errors, load_recipe
 
+    from ftk.distributed import recipe_errors
+
     r = load_recipe(recipe, overrides, manager=_manager(ctx))
-    errors = hardware_errors(r)
+    errors = recipe_errors(r) + hardware_errors(r)
     if errors:
         raise FtkError(errors)
     from ftk.train import trainer_plan

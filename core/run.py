@@ -98,6 +98,11 @@ class RunState:
 
 def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> RunState:
     """Output folder, every check that can be made before training, data, model; writes recipe.json."""
+    from ftk import distributed
+
+    errors = distributed.recipe_errors(recipe) + distributed.launch_errors(recipe)
+    if errors:
+        raise FtkError(errors)
     out = check_output_dir(recipe["output_dir"], resume, overwrite)
     if overwrite and not resume and out.exists() and is_main_process():
         import shutil
@@ -111,7 +116,7 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
 
     # Everything that can be known before training is checked before training: a run must not die
     # at the end because of something the recipe already said.
-    train_mod.resolve_resume(resume, str(out))
+    train_mod.resolve_resume(resume, str(out), recipe)
     trainer = train_mod.trainer_plan(recipe, manager, str(out))  # before any data: its data form is checked
     metrics_objs = eval_mod.build_metrics(recipe, manager)
     tokenizer = model_mod.load_tokenizer(recipe)
@@ -139,8 +144,10 @@ def train_run(state: RunState, resume: str | None = None) -> dict:
 
     try:
         with _disk_errors(state.out):
-            return train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
-                                   str(state.out), resume=resume, plan=state.trainer)
+            metrics = train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
+                                      str(state.out), resume=resume, plan=state.trainer)
+        state.manifest["distributed"] = metrics.get("distributed")  # the strategy that ran, per-rank bytes
+        return metrics
     except (RunError, PluginFailure) as e:
         # the folder says why it has checkpoints and logs but no adapter or report
         if is_main_process():
@@ -152,6 +159,9 @@ def train_run(state: RunState, resume: str | None = None) -> dict:
 
 def finish_run(state: RunState, metrics: dict) -> dict:
     """Evaluate (rank 0) and write metrics.json, manifest.json and report.md; returns ``metrics``."""
+    from ftk.distributed import gather_for_evaluation
+
+    gather_for_evaluation(state.model)  # a sharded model: every rank gathers it whole for rank 0 to evaluate
     if not is_main_process():
         return metrics
     from ftk import evaluate as eval_mod

@@ -17,6 +17,7 @@ from ftk.defaults import schema_default, section
 from ftk.errors import FtkError, PluginError, RunError
 from ftk.io import append_jsonl, atomic_write_text, temp_dir
 from ftk.run import is_main_process as _is_main  # one definition of "rank 0"
+from ftk.distributed import DCP_DIR
 
 CHECKPOINTS = "checkpoints"
 TRAIN_LOG = "train_log.jsonl"
@@ -88,8 +89,10 @@ def _callback_classes():
 
         def on_train_begin(self, args, state, control, **kw):
             # after a resume's weights are loaded: "changed" means changed by this call's steps
+            from ftk.distributed import full
+
             self.start_step = state.global_step
-            self.initial = [p.detach().to("cpu", copy=True) for _, p in self.params]
+            self.initial = [full(p.detach()).to("cpu", copy=True) for _, p in self.params]
 
         def on_pre_optimizer_step(self, args, state, control, **kw):
             if self.checked:
@@ -97,7 +100,10 @@ def _callback_classes():
             self.checked = True
             import torch
 
-            grads = [p.grad for _, p in self.params if p.grad is not None]
+            from ftk.distributed import full
+
+            # whole gradients under FSDP (every rank gathers the same ones, so every rank decides alike)
+            grads = [full(p.grad) for _, p in self.params if p.grad is not None]
             norm = (float(torch.linalg.vector_norm(torch.stack([torch.linalg.vector_norm(g.float()) for g in grads])))
                     if grads else 0.0)
             if norm == 0.0:
@@ -115,7 +121,10 @@ def _callback_classes():
                 return False
             import torch
 
-            return all(torch.equal(a, p.detach().cpu()) for a, (_, p) in zip(self.initial, self.params))
+            from ftk.distributed import full
+
+            now = [full(p.detach()).cpu() for _, p in self.params]  # every rank gathers every tensor
+            return all(torch.equal(a, b) for a, b in zip(self.initial, now))
 
     return JsonlLogCallback, NanStopCallback, LearningGuard
 
@@ -133,6 +142,39 @@ def _trainer_class():
 
     class FtkTrainer(Trainer):
         ftk_compute_loss = None  # a TrainerPlan's compute_loss, set on the instance
+        ftk_strategy = None  # distributed.strategy asked for: checked against the wrapper at the first step
+        ftk_sharding = None  # the FSDP settings ftk applied (ftk.distributed.shard)
+        ftk_ran = None  # what ftk.distributed.check_ran found
+
+        def training_step(self, model, inputs, *args, **kwargs):
+            if self.ftk_ran is None and self.ftk_strategy is not None:
+                from ftk.distributed import check_ran, describe
+
+                # ``model`` is the wrapped model that trains (DDP, FSDP, or the model itself)
+                self.ftk_ran = check_ran(model, self.ftk_strategy, self.ftk_sharding)
+                if self.is_world_process_zero():
+                    print(describe(self.ftk_ran), flush=True)
+            return super().training_step(model, inputs, *args, **kwargs)
+
+        def evaluate(self, *args, **kwargs):
+            # An evaluation before training prepares the model for evaluation only (autocast) and marks it
+            # prepared, so accelerate never wraps it for training afterwards: measured (transformers 5.24,
+            # accelerate 1.15), 2 torchrun processes then trained 2 separate adapters, without DDP and
+            # without a word. Undo the marking; the training's own preparation then applies.
+            first = not self.accelerator._models
+            try:
+                return super().evaluate(*args, **kwargs)
+            finally:
+                if first:
+                    _unprepare(self.accelerator, self.model)
+
+        def _save_rng_state(self, output_dir):
+            super()._save_rng_state(output_dir)
+            # rank 0 writes trainer_state.json, which marks the checkpoint complete, after every rank's files
+            import torch.distributed as dist
+
+            if dist.is_initialized():
+                dist.barrier()
 
         def compute_loss(self, model, inputs, *args, **kwargs):
             if self.ftk_compute_loss is not None:
@@ -148,6 +190,19 @@ def _trainer_class():
             return out
 
     return FtkTrainer
+
+
+def _unprepare(accelerator, model) -> None:
+    """Undo ``accelerator.prepare_model(model, evaluation_mode=True)``: its mark and its autocast forward."""
+    model.__dict__.pop("_is_accelerate_prepared", None)
+    if model in accelerator._models:
+        accelerator._models.remove(model)
+    original = model.__dict__.pop("_original_forward", None)
+    if original is not None:
+        if getattr(original, "__func__", None) is getattr(type(model), "forward", None):
+            model.__dict__.pop("forward", None)  # back to the class's own forward
+        else:
+            model.forward = original
 
 
 def trainer_section(recipe: dict) -> dict:
@@ -209,14 +264,20 @@ def _plan_trainer_class(plan, recipe: dict):
 
 def checkpoint_complete(path: Path) -> bool:
     """A checkpoint is complete once trainer_state.json parses: the Trainer writes it after the model,
-    optimizer, scheduler and RNG state, and rotates older checkpoints only after that. A crash during
-    a save therefore leaves the previous checkpoint intact and this one incomplete."""
+    optimizer, scheduler and RNG state (of every rank), and rotates older checkpoints only after that. A
+    crash during a save therefore leaves the previous checkpoint intact and this one incomplete. An fsdp
+    run's sharded state (dcp/) must also have its metadata and every file it names."""
     import json
 
     try:
         json.loads((path / "trainer_state.json").read_text(encoding="utf-8"))
     except (OSError, ValueError):
         return False
+    if (path / DCP_DIR).is_dir():
+        from ftk.distributed import dcp_missing
+
+        if dcp_missing(path / DCP_DIR):
+            return False
     return any(path.glob("adapter_model.*")) or any(path.glob("model*.safetensors"))
 
 
@@ -236,8 +297,9 @@ def _last_checkpoint(ckpt_dir: Path) -> str | None:
     return None
 
 
-def resolve_resume(resume: str | None, output_dir: str) -> str | None:
-    """``"latest"`` -> newest checkpoint in OUTPUT_DIR/checkpoints; a path must be a checkpoint folder."""
+def resolve_resume(resume: str | None, output_dir: str, recipe: dict | None = None) -> str | None:
+    """``"latest"`` -> newest checkpoint in OUTPUT_DIR/checkpoints; a path must be a checkpoint folder.
+    With ``recipe``: its distributed.strategy must be the one the checkpoint was saved with."""
     if not resume:
         return None
     if resume == "latest":
@@ -245,13 +307,20 @@ def resolve_resume(resume: str | None, output_dir: str) -> str | None:
         if ckpt is None:
             raise FtkError(f"--resume: no checkpoint in {Path(output_dir) / CHECKPOINTS} "
                            f"(set training.save_steps to save some)")
-        return ckpt
-    p = Path(resume)
-    if not (p / "trainer_state.json").is_file():
-        raise FtkError(f"--resume: {p} is not a training checkpoint (no trainer_state.json)")
-    if not checkpoint_complete(p):
-        raise FtkError(f"--resume: {p} is incomplete (interrupted while saving); use an earlier checkpoint")
-    return str(p)
+    else:
+        p = Path(resume)
+        if not (p / "trainer_state.json").is_file():
+            raise FtkError(f"--resume: {p} is not a training checkpoint (no trainer_state.json)")
+        if not checkpoint_complete(p):
+            raise FtkError(f"--resume: {p} is incomplete (interrupted while saving); use an earlier checkpoint")
+        ckpt = str(p)
+    if recipe is not None:
+        from ftk.distributed import resume_errors
+
+        errors = resume_errors(ckpt, recipe)
+        if errors:
+            raise FtkError(errors)
+    return ckpt
 
 
 def training_arguments(recipe: dict, output_dir: str, has_eval: bool):
@@ -331,13 +400,14 @@ def _as_dataset(rows):
     return _Iter()
 
 
-def save_adapter(model, tokenizer, output_dir: str) -> Path:
-    """OUTPUT_DIR/adapter in PEFT format plus the tokenizer, swapped in atomically (rank 0 only)."""
+def save_adapter(model, tokenizer, output_dir: str, state_dict: dict | None = None) -> Path:
+    """OUTPUT_DIR/adapter in PEFT format plus the tokenizer, swapped in atomically (rank 0 only).
+    ``state_dict``: the adapter's tensors when the model cannot give them itself (gathered from FSDP)."""
     out = Path(output_dir) / "adapter"
     tmp = temp_dir(output_dir, ".adapter.")
     old = None
     try:
-        model.save_pretrained(str(tmp))
+        model.save_pretrained(str(tmp), **({"state_dict": state_dict} if state_dict is not None else {}))
         if tokenizer is not None:
             tokenizer.save_pretrained(str(tmp))
         if out.exists():
@@ -425,13 +495,18 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
           plan=None) -> dict:
     """Train the adapter with the recipe's trainer (``plan``: its TrainerPlan, built here when not given)
     on transformers' Trainer; returns the training metrics."""
+    from ftk import distributed
+
     out = Path(output_dir)
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
-    ckpt = resolve_resume(resume, output_dir)
+    ckpt = resolve_resume(resume, output_dir, recipe)
     if plan is None:
         plan = trainer_plan(recipe, manager, output_dir)
     trainer_cls = _plan_trainer_class(plan, recipe)
+    strategy = distributed.strategy(recipe)
+    if strategy == "fsdp":  # it shards the model once built: after a method's own set-up (a reference adapter)
+        trainer_cls = distributed.fsdp_trainer_class(trainer_cls, recipe)
     train_ds, eval_ds = _as_dataset(prepared.train), _as_dataset(prepared.validation)
     if eval_ds is not None and hasattr(eval_ds, "__len__") and len(eval_ds) == 0:
         eval_ds = None
@@ -466,6 +541,8 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks, **plan.trainer_kwargs)
     if plan.compute_loss is not None:
         trainer.ftk_compute_loss = plan.compute_loss
+    trainer.ftk_strategy = strategy
+    guard.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharding replaced them
     if _is_main():
         for note in plan.notes:
             print(f"note: {note}", flush=True)
@@ -507,13 +584,16 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         "train_samples_per_second": result.metrics.get("train_samples_per_second"),
         "resumed_from": ckpt,
         "compiled_layers": len(compiled),
+        "distributed": trainer.ftk_ran,
     })
     if eval_ds is not None:
         metrics["eval_loss_after"] = trainer.evaluate()["eval_loss"]
         if "eval_loss_before" in metrics:
             metrics["eval_loss_delta"] = metrics["eval_loss_after"] - metrics["eval_loss_before"]
+    # sharded: every rank joins gathering the adapter (rank 0 gets it); other models hold theirs whole
+    gathered = distributed.adapter_state(model, True) if distributed.is_sharded(model) else None
     if trainer.is_world_process_zero():
         save_adapter(trainer.model if not hasattr(trainer.model, "module") else trainer.model.module,
-                     tokenizer, output_dir)
+                     tokenizer, output_dir, state_dict=gathered)
         print(f"adapter saved to {out / 'adapter'}", flush=True)
     return metrics

@@ -1,4 +1,6 @@
-"""2-process DDP on the CPU (gloo) through `torchrun -m ftk run`: both ranks train, rank 0 writes."""
+"""2-process DDP on the CPU (gloo) through `torchrun -m ftk run`: both ranks train, rank 0 writes, and
+the run checked that DDP is what trained (the recipe has a validation split, so the Trainer evaluates
+before training: that evaluation used to leave the model unwrapped, each rank training its own adapter)."""
 from __future__ import annotations
 
 import json
@@ -44,6 +46,11 @@ def test_torchrun_two_processes(tmp_path, gpu_defaults):
     assert proc.returncode == 0, stderr[-3000:]
     metrics = json.loads((out / "metrics.json").read_text())
     assert metrics["train"]["steps"] == 3
+    ran = metrics["train"]["distributed"]
+    assert (ran["asked"], ran["ran"], ran["processes"], ran["wrapper"]) == ("ddp", "ddp", 2, "DistributedDataParallel")
+    assert "eval_loss_before" in metrics["train"]  # the evaluation before training happened, and DDP still wrapped
+    a, b = ran["parameter_bytes_per_rank"]  # every rank holds the whole model
+    assert a == b and a["trainable"] > 0
     assert metrics["train"]["compiled_layers"] == (5 if gpu_defaults else 0)
     # tokens are gathered over ranks: more than one rank can see in 3 steps of 2 rows of <= 64 tokens
     assert metrics["train"]["tokens"] > 3 * 2 * 64
