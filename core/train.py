@@ -539,6 +539,9 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         collator.pad_to = int(d["max_length"])
     trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks, **plan.trainer_kwargs)
+    from ftk.console import replace_console
+
+    replace_console(trainer, args.disable_tqdm, _is_main())  # compact lines, not transformers' raw dicts
     if plan.compute_loss is not None:
         trainer.ftk_compute_loss = plan.compute_loss
     trainer.ftk_strategy = strategy
