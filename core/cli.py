@@ -157,7 +157,7 @@ def _build() -> click.Group:
     from ftk.manager import get_manager
 
     # commands that live in their own modules register the same way a plugin's would
-    from ftk import commands  # noqa: F401  (adds data/eval/generate/merge/plan)
+    from ftk import commands  # noqa: F401  (adds data/eval/generate/merge/plan/compare)
 
     commands.register(cli)
     try:

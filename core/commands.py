@@ -15,6 +15,7 @@ _MODULES = {
     "ftk.cmd_eval": ["eval_cmd", "generate"],
     "ftk.cmd_model": ["merge"],
     "ftk.cmd_plan": ["plan"],
+    "ftk.cmd_compare": ["compare"],
 }
 
 
