@@ -15,12 +15,15 @@ _SKIP = ("epoch", "step", "total_flos", "num_input_tokens_seen", "learning_rate"
 
 
 def fmt_value(v) -> str:
-    """4 significant digits, no float noise: 3.412, 0.0007, 1.2e+04; non-numbers as they are."""
+    """4 significant digits, no float noise: 3.412, 0.0007, 1.235e+04; whole numbers whole; others as they are."""
     if isinstance(v, bool) or not isinstance(v, (int, float)):
         return str(v)
     if isinstance(v, int):
         return str(v)
-    return f"{v:.4g}" if math.isfinite(v) else str(v)
+    if not math.isfinite(v):
+        return str(v)
+    # counts logged as floats (TRL's num_tokens) read as counts: 10340, not 1.034e+04
+    return str(int(v)) if v.is_integer() and abs(v) < 1e12 else f"{v:.4g}"
 
 
 def fmt_lr(v) -> str:

@@ -74,7 +74,7 @@ def test_eval_lines(trained):
 
 
 def test_formatting():
-    assert C.fmt_value(3.41234) == "3.412" and C.fmt_value(7) == "7"
+    assert C.fmt_value(3.41234) == "3.412" and C.fmt_value(7) == "7" and C.fmt_value(10340.0) == "10340"
     assert C.fmt_lr(7.3e-4) == "7.3e-04" and C.fmt_grad(1.1834) == "1.18"
     assert C.fmt_rate(8412.0) == "8.4k" and C.fmt_rate(950) == "950" and C.fmt_rate(1.25e6) == "1.2M"
     assert C.fmt_duration(3) == "0:03" and C.fmt_duration(3723) == "1:02:03"
