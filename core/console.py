@@ -7,9 +7,10 @@ import math
 import sys
 import time
 
-# shown first, in this order, when a trainer logs them (a preference trainer's key numbers); every other
-# number the trainer logs follows in its own order
+# shown first, in this order, when a trainer logs them (a preference trainer's key numbers); other numbers
+# the trainer logs follow in its own order, up to MAX_EXTRAS in all (train_log.jsonl keeps every one)
 PREFERRED = ("rewards/accuracies", "rewards/margins")
+MAX_EXTRAS = 3
 # not metrics: bookkeeping the line shows otherwise (step, tokens/s) or not at all
 _SKIP = ("epoch", "step", "total_flos", "num_input_tokens_seen", "learning_rate", "grad_norm", "loss")
 
@@ -50,12 +51,13 @@ def fmt_duration(seconds: float) -> str:
 
 
 def _extras(logs: dict, prefix: str = "") -> list[str]:
-    """Every other number logged, PREFERRED first (with the evaluation's prefix when it has one)."""
+    """The other numbers logged, PREFERRED first (with the evaluation's prefix when it has one), at most
+    MAX_EXTRAS: a line stays readable (DPO logs a dozen more)."""
     from ftk.train import _extra_logged  # the same rule train_log.jsonl keeps numbers by
 
     keys = [k for k in logs if _extra_logged(k, logs[k]) and k not in _SKIP and k != "eval_loss"]
     first = [prefix + p for p in PREFERRED if prefix + p in keys]
-    return [f"{k} {fmt_value(logs[k])}" for k in first + [k for k in keys if k not in first]]
+    return [f"{k} {fmt_value(logs[k])}" for k in (first + [k for k in keys if k not in first])[:MAX_EXTRAS]]
 
 
 def step_text(step: int, total: int) -> str:
