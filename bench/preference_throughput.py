@@ -1,6 +1,7 @@
-"""Preference-tuning (DPO) throughput: ftk's `dpo` trainer vs TRL's plain DPOTrainer + PEFT + bitsandbytes.
+"""Preference-tuning (DPO) throughput: ftk's `dpo` trainer (padding-free, and padded) vs TRL's plain DPOTrainer
++ PEFT + bitsandbytes.
 
-    python bench/preference_throughput.py [--pairs 96] [--setups trl,ftk] [--rounds 1] [--out FILE]
+    python bench/preference_throughput.py [--pairs 96] [--setups trl,ftk-padded,ftk] [--rounds 1] [--out FILE]
 
 Same random-weight LLaMA-shaped model as bench/train_throughput.py (~26M parameters, saved to disk and loaded
 the normal way), the same real preference pairs (the first --pairs of ../shared/data/preference/
@@ -11,16 +12,23 @@ dailydialog_pairs.jsonl that fit max_length 512 untruncated, rendered once as te
 CPU default is off, so both run without it), each in its fastest precision here (bf16 where the CPU has
 AVX512-BF16 or AMX, else fp32).
 
+Setups: ``trl`` (DPOTrainer as its docs show it; TRL 1.16's own padding_free is disabled, so it pads),
+``ftk`` (ftk's default: padding-free model calls, trainer.padding_free true) and ``ftk-padded``
+(trainer.padding_free false: TRL's padded batches, as ``trl`` runs them).
+
 Useful tokens = the non-padding tokens a pair puts through the model: prompt + chosen and prompt + rejected
 (2 x prompt + chosen + rejected), counted from the ids each setup trained on; the timing covers training
-only (not tokenization or model loading). Reports useful tokens/s, pairs/s, peak RSS and their ratios to TRL
-measured in the same round (each setup in its own process, one after the other; ``--rounds N`` repeats the
-sequence, for a machine other work shares), plus the CPU's model and kernel-deciding flags.
+only (not tokenization or model loading). ``positions`` = the token positions the transformer actually ran
+(policy and reference passes, padding included), counted at the model; ``pad`` = the share of them that is
+padding. Reports useful tokens/s, pairs/s, peak RSS and their ratios to TRL measured in the same round
+(each setup in its own process, one after the other; ``--rounds N`` repeats the sequence, for a machine
+other work shares), plus the CPU's model and kernel-deciding flags.
 """
 from __future__ import annotations
 
 import argparse
 import dataclasses
+import functools
 import json
 import statistics
 import sys
@@ -64,6 +72,19 @@ def _log_summary(history: list[dict]) -> dict:
             "final_reward_accuracy": last.get("rewards/accuracies"), "final_reward_margin": last.get("rewards/margins")}
 
 
+class Positions:
+    """Counts the token positions every call of the transformer under the LM head runs (rows x width)."""
+
+    def __init__(self, backbone):
+        self.n = 0
+        self.hook = backbone.register_forward_pre_hook(self.count, with_kwargs=True)
+
+    def count(self, module, args, kwargs):
+        ids = kwargs.get("input_ids", args[0] if args else None)
+        if ids is not None:
+            self.n += ids.numel()
+
+
 def setup_trl(model_dir: Path, pairs: list[dict]) -> dict:
     """TRL's DPOTrainer as its docs show it: a 4-bit model, peft_config, text pairs it tokenizes itself."""
     import torch
@@ -97,14 +118,15 @@ def setup_trl(model_dir: Path, pairs: list[dict]) -> dict:
         trained = tr.train_dataset
         useful = useful_tokens({k: trained[i][k] for k in ("prompt_ids", "chosen_ids", "rejected_ids")}
                                for i in range(len(trained)))
+        positions = Positions(tr.model.get_base_model().model)
         t = time.perf_counter()
         tr.train()
         dt = time.perf_counter() - t
     return {"useful_tokens": useful, "pairs": len(trained), "seconds": dt, "steps": tr.state.global_step,
-            "precision": "bf16" if bf16 else "fp32", **_log_summary(tr.state.log_history)}
+            "positions": positions.n, "precision": "bf16" if bf16 else "fp32", **_log_summary(tr.state.log_history)}
 
 
-def setup_ftk(model_dir: Path, pairs: list[dict]) -> dict:
+def setup_ftk(model_dir: Path, pairs: list[dict], padding_free: bool = True) -> dict:
     """ftk's own path: the `preference` loader, the "pairs" data form, the `dpo` trainer, precision auto."""
     from ftk import data as data_mod
     from ftk import model as model_mod
@@ -119,7 +141,7 @@ def setup_ftk(model_dir: Path, pairs: list[dict]) -> dict:
         recipe = load_recipe(data={
             "model": {"name": str(model_dir), "quantization": {"method": "nf4", "nested": True}},
             "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
-            "trainer": {"method": "dpo", "beta": BETA},
+            "trainer": {"method": "dpo", "beta": BETA, "padding_free": padding_free},
             "data": {"datasets": [{"loader": "preference", "path": str(f)}], "validation_size": 0,
                      "max_length": MAXLEN, "cache": False},
             "training": {"epochs": 1, "batch_size": BATCH, "gradient_accumulation_steps": ACCUM, "learning_rate": LR,
@@ -130,21 +152,23 @@ def setup_ftk(model_dir: Path, pairs: list[dict]) -> dict:
         prepared = data_mod.prepare_data(recipe, tok, mgr)
         train_pairs = list(prepared.train)
         model, info = model_mod.load_model(recipe, mgr, tok)
+        positions = Positions(model.get_base_model().model)
         t = time.perf_counter()
         m = train_mod.train(model, tok, prepared, recipe, mgr, str(Path(tmp) / "run"), resume=None)
         dt = time.perf_counter() - t
         log = [json.loads(x) for x in (Path(tmp) / "run" / "train_log.jsonl").read_text().splitlines()]
     return {"useful_tokens": useful_tokens(train_pairs), "pairs": len(train_pairs), "seconds": dt,
-            "steps": m.get("steps"), "precision": info.get("precision"), **_log_summary(log)}
+            "steps": m.get("steps"), "positions": positions.n, "precision": info.get("precision"),
+            **_log_summary(log)}
 
 
-SETUPS = {"trl": setup_trl, "ftk": setup_ftk}
+SETUPS = {"trl": setup_trl, "ftk": setup_ftk, "ftk-padded": functools.partial(setup_ftk, padding_free=False)}
 
 
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--pairs", type=int, default=96)
-    ap.add_argument("--setups", default="trl,ftk")
+    ap.add_argument("--setups", default="trl,ftk-padded,ftk")
     ap.add_argument("--rounds", type=int, default=1, help="run the setups this many times, in turn")
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
@@ -166,15 +190,16 @@ def main() -> None:
     print(f"machine: {json.dumps(common.machine())}")
     print(f"cpu: {cpu['model']}; flags: {' '.join(cpu['features']) or '(none of avx2 avx512f avx512_bf16 amx_bf16)'}")
     print(f"pairs: {a.pairs} requested; batch {BATCH} pairs x accumulation {ACCUM}; max_length {MAXLEN}")
-    print(f"{'round':<5} {'setup':<5} {'useful tok/s':>12} {'vs trl':>7} {'pairs/s':>8} {'peak RSS':>9} {'vs trl':>7} "
-          f"{'pairs':>5} {'steps':>5} {'prec':>5} {'first loss':>10} {'final loss':>10} {'final acc':>9}")
+    print(f"{'round':<5} {'setup':<10} {'useful tok/s':>12} {'vs trl':>7} {'pairs/s':>8} {'peak RSS':>9} {'vs trl':>7} "
+          f"{'pairs':>5} {'steps':>5} {'positions':>9} {'pad':>6} {'prec':>5} {'first loss':>10} {'final loss':>10} "
+          f"{'final acc':>9}")
     for r in results:
         if "error" not in r:
             r["tokens_per_s"] = r["useful_tokens"] / r["seconds"]
             r["pairs_per_s"] = r["pairs"] / r["seconds"]
     for r in results:
         if "error" in r:
-            print(f"{r['round']:<5} {r['setup']:<5} ERROR {r['error'][-1500:]}")
+            print(f"{r['round']:<5} {r['setup']:<10} ERROR {r['error'][-1500:]}")
             continue
         trl = next((x for x in results if x["round"] == r["round"] and x["setup"] == "trl"), {})
         vt = r["tokens_per_s"] / trl["tokens_per_s"] if "tokens_per_s" in trl else float("nan")
@@ -183,19 +208,24 @@ def main() -> None:
         def num(v, fmt):
             return format(v, fmt) if isinstance(v, (int, float)) else "–"
 
-        print(f"{r['round']:<5} {r['setup']:<5} {r['tokens_per_s']:12.0f} {vt:7.2f} {r['pairs_per_s']:8.2f} "
-              f"{r['peak_rss'] / 2**30:7.2f}GB {vm:7.2f} {r['pairs']:5d} {num(r['steps'], '5d')} {r['precision']:>5} "
+        # policy + reference pass: each useful token runs twice
+        pad = 1 - 2 * r["useful_tokens"] / r["positions"] if r.get("positions") else float("nan")
+        print(f"{r['round']:<5} {r['setup']:<10} {r['tokens_per_s']:12.0f} {vt:7.2f} {r['pairs_per_s']:8.2f} "
+              f"{r['peak_rss'] / 2**30:7.2f}GB {vm:7.2f} {r['pairs']:5d} {num(r['steps'], '5d')} "
+              f"{num(r.get('positions'), '9d')} {pad:6.1%} {r['precision']:>5} "
               f"{num(r['first_loss'], '10.4f')} {num(r['final_loss'], '10.4f')} "
               f"{num(r['final_reward_accuracy'], '9.3f')}")
     ok = [r for r in results if "error" not in r]
     if a.rounds > 1 and ok:
         # on a machine other work shares, a setup's fastest round is the closest to its own speed
         best = {s: max(r["tokens_per_s"] for r in ok if r["setup"] == s) for s in dict.fromkeys(r["setup"] for r in ok)}
+        rss = {s: min(r["peak_rss"] for r in ok if r["setup"] == s) / 2**30 for s in best}
         med = {s: statistics.median(r["tokens_per_s"] for r in ok if r["setup"] == s) for s in best}
         print("best of rounds: " + ", ".join(f"{s} {v:.0f} tok/s" + (f" ({v / best['trl']:.2f}x trl)" if "trl" in best
                                                                        else "") for s, v in best.items()))
         print("median of rounds: " + ", ".join(f"{s} {v:.0f} tok/s" + (f" ({v / med['trl']:.2f}x trl)" if "trl" in med
                                                                          else "") for s, v in med.items()))
+        print("lowest peak RSS: " + ", ".join(f"{s} {v:.2f} GB" for s, v in rss.items()))
     if a.out:
         Path(a.out).write_text(json.dumps({"machine": common.machine(), "cpu": cpu, "results": results}, indent=2))
 

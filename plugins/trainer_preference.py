@@ -12,6 +12,16 @@ its TRL trainer reads after its own tokenization (which is skipped), and TRL's o
 * ``kto``: TRL's KTOTrainer on unpaired examples: each pair gives a desirable (chosen) and an undesirable
   (rejected) example, so the same pairs serve all three.
 
+Padding-free batches (``dpo`` and ``kto``, option ``padding_free``, on by default): TRL's collator pads
+every sequence of a batch to the longest one (for DPO the B prompt + chosen rows, then the B prompt +
+rejected rows), and its loss reads per-token log-probs in that padded layout. ftk keeps the collator and
+the loss code as they are and changes only the model call they make: the padded batch is packed (its
+non-padding tokens, each sequence's ``position_ids`` restarting at 0, no attention mask, so transformers
+builds a block-diagonal causal mask), run through TRL's fused LM head, and every per-token output is put
+back where the padded call would have returned it (0 at padding, as there). The policy, the reference and
+KTO's KL passes all go through it. ORPO reads the full logits (its ``logits/*`` metrics average them over
+the padding too), so it stays padded.
+
 What ftk changes on TRL's trainers, and why: TRL casts a quantized model's trainable adapter weights to
 bf16 (QLoRA's recipe) -- ftk keeps its own precision, so weights stay as loaded and resume is exact; TRL
 adds a "ref" copy of a PeftModel's adapter -- ftk deletes it, so the reference is the adapter disabled and
@@ -24,6 +34,7 @@ report instead.
 from __future__ import annotations
 
 import contextlib
+import functools
 import importlib.util
 
 from ftk.components import TrainerPlan
@@ -39,6 +50,11 @@ _DROPOUT = {"disable_dropout": {
     "type": "boolean", "default": True,
     "description": "Set every dropout probability to 0 while training, as TRL does by default (the adapter's "
                    "dropout too; a note says so); false keeps adapter.dropout."}}
+_PADDING_FREE = {"padding_free": {
+    "type": "boolean", "default": True,
+    "description": "Pack each batch's sequences without padding (position ids restarting per sequence) for the "
+                   "model call; the log-probs, loss and metrics are those of the padded batch. false: TRL's padded "
+                   "batches as they are."}}
 DPO_LOSSES = ["sigmoid", "hinge", "ipo", "exo_pair", "nca_pair", "robust", "bco_pair", "sppo_hard", "aot",
               "aot_unpaired", "apo_zero", "apo_down", "discopop", "sft", "sigmoid_norm"]
 DPO_SCHEMA = {"type": "object", "properties": {
@@ -49,7 +65,7 @@ DPO_SCHEMA = {"type": "object", "properties": {
     "label_smoothing": {"type": "number", "minimum": 0, "exclusiveMaximum": 0.5, "default": 0.0,
                         "description": "Assumed share of flipped preference labels (robust, exo_pair, "
                                        "conservative DPO)."},
-    **_DROPOUT}}
+    **_PADDING_FREE, **_DROPOUT}}
 ORPO_SCHEMA = {"type": "object", "properties": {
     "beta": {"type": "number", "exclusiveMinimum": 0, "default": 0.1,
              "description": "Weight of the odds-ratio term next to the chosen response's NLL (lambda in the paper)."},
@@ -63,7 +79,7 @@ KTO_SCHEMA = {"type": "object", "properties": {
                          "description": "Loss weight of the desirable (chosen) examples."},
     "undesirable_weight": {"type": "number", "exclusiveMinimum": 0, "default": 1.0,
                            "description": "Loss weight of the undesirable (rejected) examples."},
-    **_DROPOUT}}
+    **_PADDING_FREE, **_DROPOUT}}
 
 # method -> (TRL module, trainer class, config class, sequences with gradient / without, per example)
 _TRL = {"dpo": ("trl.trainer.dpo_trainer", "DPOTrainer", "DPOConfig", 2, 2),
@@ -149,6 +165,116 @@ def kto_rows(pairs, batch_size: int, seed: int | None = None) -> list[dict]:
     return rows
 
 
+# -- padding-free model calls -----------------------------------------------------------------------
+# the per-token fields of TRL's FusedCausalLMOutput, (rows, length - 1) each, 0 where the label is -100
+_PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask")
+# what TRL's calls pass besides these (PEFT passes its optional arguments as None)
+_CALL_KEYS = {"input_ids", "attention_mask", "labels", "use_cache", "num_items_in_batch"}
+
+
+class PackedBatch:
+    """Where each token of a right-padded batch (``attention_mask`` (R, L): ones, then zeros) sits once
+    its R sequences are packed without padding: into one row when ``one_row`` (for flash attention, which
+    reads the sequence starts from the position ids of a single row), else into rows no wider than the
+    longest sequence (best fit, longest first; sdpa and eager then mask R small blocks, not one R x R
+    square). A row's unused end is a sequence of its own (positions from 0, labels -100), so it attends
+    to nothing real."""
+
+    def __init__(self, attention_mask, one_row: bool = False):
+        import numpy as np
+        import torch
+
+        from ftk.rows import pack_bins
+
+        dev = attention_mask.device
+        self.shape = tuple(attention_mask.shape)
+        self.lengths = attention_mask.sum(1)
+        lengths = self.lengths.tolist()
+        bins = pack_bins(np.asarray(lengths), sum(lengths) if one_row else max(lengths))
+        row_of, start_of, fill = [0] * len(lengths), [0] * len(lengths), []
+        for b, members in enumerate(bins):
+            used = 0
+            for r in members:
+                row_of[r], start_of[r] = b, used
+                used += lengths[r]
+            fill.append(used)
+        width = max(fill)
+        self.r, self.t = attention_mask.bool().nonzero(as_tuple=True)  # every real token, row-major
+        self.row = torch.tensor(row_of, device=dev)[self.r]
+        self.col = torch.tensor(start_of, device=dev)[self.r] + self.t
+        self.size = (len(bins), width)
+        pos = torch.arange(width, device=dev).expand(len(bins), width) - torch.tensor(fill, device=dev)[:, None]
+        self.position_ids = pos.index_put((self.row, self.col), self.t)  # each row's unused end counts from 0
+        self.scored = self.t < self.lengths[self.r] - 1  # tokens that have a next token in their own sequence
+
+    def pack(self, x, fill_value):
+        return x.new_full(self.size, fill_value).index_put((self.row, self.col), x[self.r, self.t])
+
+    def shift_labels(self, labels):
+        """The next token's label at each packed position (-100 at a sequence's last token and beyond)."""
+        k = self.scored
+        return labels.new_full(self.size, -100).index_put((self.row[k], self.col[k]), labels[self.r[k], self.t[k] + 1])
+
+    def unpack(self, x):
+        """(rows, width) per-token values -> the padded call's (R, L - 1) layout, zeros elsewhere."""
+        k = self.scored
+        out = x.new_zeros((self.shape[0], self.shape[1] - 1))
+        return out.index_put((self.r[k], self.t[k]), x[self.row[k], self.col[k]])
+
+
+def _packable(kw: dict) -> bool:
+    """A call of TRL's fused LM head on a right-padded batch whose padding is not scored, with nothing
+    else that depends on the layout (router logits, position ids, embeddings, images)."""
+    ids, mask, labels = kw.get("input_ids"), kw.get("attention_mask"), kw.get("labels")
+    if any(v is not None and v is not False and k not in _CALL_KEYS for k, v in kw.items()):
+        return False
+    if ids is None or mask is None or labels is None or ids.dim() != 2 or mask.shape != ids.shape \
+            or labels.shape != ids.shape:
+        return False
+    import torch
+
+    lengths = mask.sum(1)
+    right_padded = torch.equal(mask.bool(), torch.arange(ids.size(1), device=mask.device) < lengths[:, None])
+    return bool(right_padded and lengths.min() > 0 and (labels[~mask.bool()] == -100).all())
+
+
+def packed_forward(fused, one_row: bool = False):
+    """Wrap TRL's fused-head forward (``add_fused_lm_head``): a padded ``fused_lm_head=True`` call runs on
+    the packed batch and returns its per-token outputs in the padded layout; every other call, and a
+    batch that is not right padded, goes to ``fused`` unchanged."""
+
+    @functools.wraps(fused)
+    def forward(*args, fused_lm_head=False, **kw):
+        if not fused_lm_head or args or not _packable(kw):
+            return fused(*args, fused_lm_head=fused_lm_head, **kw)
+        p = PackedBatch(kw["attention_mask"], one_row)
+        out = fused(input_ids=p.pack(kw["input_ids"], 0), position_ids=p.position_ids,
+                    shift_labels=p.shift_labels(kw["labels"]), num_items_in_batch=kw.get("num_items_in_batch"),
+                    use_cache=False, fused_lm_head=True)
+        return type(out)(**{k: p.unpack(v) if k in _PER_TOKEN else v for k, v in out.items()})
+
+    forward.ftk_packed = "one row" if one_row else "rows"
+    return forward
+
+
+def pack_model_calls(model) -> str | None:
+    """Make the fused-head calls on ``model`` (a PeftModel or a model TRL gave a fused LM head) padding-
+    free; returns the layout ("rows" or "one row"), or None where the attention cannot mask packed
+    sequences (the calls stay padded)."""
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    impl = str(getattr(base.config, "_attn_implementation", None) or "")
+    if getattr(base.forward, "ftk_packed", None):
+        return base.forward.ftk_packed
+    if impl.startswith("flash_attention"):
+        one_row = True
+    elif impl in ("sdpa", "eager", "flex_attention"):
+        one_row = False
+    else:
+        return None
+    base.forward = packed_forward(base.forward, one_row)
+    return base.forward.ftk_packed
+
+
 # -- the Trainer classes ----------------------------------------------------------------------------
 @contextlib.contextmanager
 def _no_context(*args, **kwargs):
@@ -176,6 +302,7 @@ class _FtkPreference:
     DPOTrainer)``. Converts the core's pairs, and undoes what TRL would change behind ftk's back."""
 
     ftk_method = ""
+    ftk_padding_free = False  # pack the fused-head model calls (DPO, KTO); set by trainer_class
     _trl_module = None  # the TRL module whose disable_gradient_checkpointing its loss calls
 
     def __init__(self, model=None, args=None, data_collator=None, train_dataset=None, eval_dataset=None,
@@ -193,6 +320,10 @@ class _FtkPreference:
                 p.data = data
         if "ref" in (getattr(model, "peft_config", None) or {}):
             model.delete_adapter("ref")  # the reference is the adapter disabled: the base itself
+        self.ftk_packing = pack_model_calls(model) if self.ftk_padding_free else None
+        if self.ftk_padding_free and self.ftk_packing is None and self.is_world_process_zero():
+            print(f"note: trainer.padding_free: attention {model.config._attn_implementation!r} cannot mask packed "
+                  f"sequences; {self.ftk_method}'s batches stay padded", flush=True)
         if dropout and args.disable_dropout and self.is_world_process_zero():
             print(f"note: trainer.disable_dropout: dropout p={', '.join(f'{p:g}' for p in dropout)} (adapter.dropout "
                   f"included) is 0 while training {self.ftk_method}, as TRL does; set trainer.disable_dropout to "
@@ -257,14 +388,16 @@ def _trl(module_name: str):
     return importlib.import_module(module_name)
 
 
-def trainer_class(method: str, base: type) -> type:
-    """``class FtkDPOTrainer(_FtkPreference, base, trl.DPOTrainer)`` (likewise ORPO, KTO); imports TRL."""
+def trainer_class(method: str, base: type, padding_free: bool = False) -> type:
+    """``class FtkDPOTrainer(_FtkPreference, base, trl.DPOTrainer)`` (likewise ORPO, KTO); imports TRL.
+    ``padding_free``: the model calls of TRL's loss run on packed batches (DPO and KTO)."""
     module_name, cls_name, _, _, _ = _TRL[method]
     module = _trl(module_name)
     trl_cls = getattr(module, cls_name)
     name = f"Ftk{cls_name}"
     return type(name, (_FtkPreference, base, trl_cls),
                 {"ftk_method": method, "_trl_module": module if method != "orpo" else None,
+                 "ftk_padding_free": bool(padding_free) and method != "orpo",
                  "__module__": __name__, "__qualname__": name})
 
 
@@ -301,16 +434,21 @@ def _plan(method: str, options: dict, ctx, fields: dict, notes: list[str]) -> Tr
     fields = {**fields, "max_length": int(recipe["data"]["max_length"]),
               "disable_dropout": bool(options["disable_dropout"])}
     _, _, _, seqs, ref_seqs = _TRL[method]
-    return TrainerPlan(data="pairs", trainer_class=lambda base: trainer_class(method, base),
+    padding_free = bool(options.get("padding_free", False))
+    return TrainerPlan(data="pairs", trainer_class=lambda base: trainer_class(method, base, padding_free),
                        training_arguments=lambda args: trl_config(method, args, **fields),
                        sequences_per_example=seqs, reference_sequences_per_example=ref_seqs, notes=notes)
+
+
+def _batches(options) -> str:
+    return "padding-free batches" if options["padding_free"] else "padded batches (trainer.padding_free false)"
 
 
 def plan_dpo(options, ctx) -> TrainerPlan:
     return _plan("dpo", options, ctx, {"beta": options["beta"], "loss_type": [options["loss_type"]],
                                        "label_smoothing": options["label_smoothing"]},
                  [f"dpo: beta {options['beta']}, loss {options['loss_type']}; the reference is the base model "
-                  f"(adapter disabled)"])
+                  f"(adapter disabled); {_batches(options)}"])
 
 
 def plan_orpo(options, ctx) -> TrainerPlan:
@@ -323,7 +461,7 @@ def plan_kto(options, ctx) -> TrainerPlan:
     fields["train_sampling_strategy"] = "sequential"  # the KL estimate's micro-batches are built in order
     return _plan("kto", options, ctx, fields,
                  [f"kto: beta {options['beta']}, loss {options['loss_type']}; each pair gives a desirable and an "
-                  f"undesirable example, in one shuffled order (training.seed) for every epoch"])
+                  f"undesirable example, in one shuffled order (training.seed) for every epoch; {_batches(options)}"])
 
 
 @hookimpl

@@ -1,11 +1,13 @@
-"""Preference tuning (trainers dpo, orpo, kto) on stories260K in NF4 with real DailyDialog pairs through
-ftk's own pipeline (the `preference` loader, the "pairs" data form, ``ftk run``'s prepare/train/finish):
-each method's loss equals TRL's own trainer on the same weights and batch; DPO starts at log 2 and learns
-the held-out pairs; the saved adapter is "default" alone and reloads; kill -9 + resume gives the
-uninterrupted adapter; 2-process gloo DDP trains; without TRL the trainers are listed as unavailable and a
-recipe using one fails validation in one line."""
+"""Preference tuning (trainers dpo, orpo, kto) on stories260K in NF4 with real DailyDialog pairs through ftk's
+own pipeline (the `preference` loader, the "pairs" data form, ``ftk run``'s prepare/train/finish): each
+method's loss and logged metrics equal TRL's own trainer on the same weights and batch, padding-free (DPO,
+KTO) as padded; a packed call returns the padded call's per-token outputs; DPO starts at log 2 and learns the
+held-out pairs, padding-free as padded; the saved adapter is "default" alone and reloads; kill -9 + resume
+gives the uninterrupted adapter; 2-process gloo DDP trains; without TRL the trainers are listed as unavailable
+and a recipe using one fails validation in one line."""
 from __future__ import annotations
 
+import contextlib
 import json
 import math
 import os
@@ -30,7 +32,8 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED
 
 
 # -- building blocks (also run by the subprocess tests: ``python -c "import test_preference_trainers"``) --
-def raw_recipe(out, method="dpo", trainer=None, checkpointing=False, n_pairs=40, n_val=8, **training) -> dict:
+def raw_recipe(out, method="dpo", trainer=None, checkpointing=False, n_pairs=40, n_val=8, max_prompt_length=None,
+               **training) -> dict:
     """``n_pairs`` real pairs, ``n_val`` of them held out by the pipeline; fp32 on every CPU ("auto" is bf16
     on AVX512-BF16 CPUs)."""
     return {
@@ -38,7 +41,8 @@ def raw_recipe(out, method="dpo", trainer=None, checkpointing=False, n_pairs=40,
         "adapter": {"method": "lora", "r": 8, "alpha": 16},
         "trainer": {"method": method, **(trainer or {})},
         "data": {"datasets": [{"loader": "preference", "path": str(PAIRS), "max_examples": n_pairs}],
-                 "max_length": MAX_LENGTH, "validation_size": n_val, "cache": False},
+                 "max_length": MAX_LENGTH, "max_prompt_length": max_prompt_length, "validation_size": n_val,
+                 "cache": False},
         "training": {"max_steps": 4, "batch_size": 4, "gradient_accumulation_steps": 1, "learning_rate": 1e-3,
                      "warmup_ratio": 0, "optimizer": "adamw_torch", "report_to": ["none"], "precision": "fp32",
                      "compile": False, **training},
@@ -87,10 +91,10 @@ def test_listed_with_options_and_defaults(fresh_manager, tmp_path):
     assert " ok " in line and "trainer:dpo, trainer:orpo, trainer:kto" in line
     r = recipe_for(tmp_path, "dpo", manager=fresh_manager)
     assert r["trainer"] == {"method": "dpo", "beta": 0.1, "loss_type": "sigmoid", "label_smoothing": 0.0,
-                            "disable_dropout": True}
+                            "padding_free": True, "disable_dropout": True}
     assert recipe_for(tmp_path, "kto", manager=fresh_manager)["trainer"] == {
         "method": "kto", "beta": 0.1, "loss_type": "kto", "desirable_weight": 1.0, "undesirable_weight": 1.0,
-        "disable_dropout": True}
+        "padding_free": True, "disable_dropout": True}
     assert recipe_for(tmp_path, "orpo", manager=fresh_manager)["trainer"] == {
         "method": "orpo", "beta": 0.1, "disable_dropout": True}
     with pytest.raises(FtkError) as e:
@@ -234,8 +238,9 @@ def test_kto_rows_mix_labels_and_mismatch_the_kl_pairs():
 
 # -- equal to TRL's own trainers ------------------------------------------------------------------
 def _two_models(tmp_path, method, pings: list):
-    """ftk's trainer and TRL's own on two identically loaded models (ftk's loading: NF4, LoRA); ``pings``
-    gets the topic each time TRL's usage telemetry would be sent."""
+    """ftk's trainer (padding-free where the method has it), ftk's with ``padding_free: false`` and TRL's own
+    on three identically loaded models (ftk's loading: NF4, LoRA); ``pings`` gets the topic each time TRL's
+    usage telemetry would be sent."""
     from datasets import Dataset
     from trl import DPOTrainer, KTOTrainer
     from trl.experimental.orpo import ORPOTrainer
@@ -246,14 +251,20 @@ def _two_models(tmp_path, method, pings: list):
     from ftk.manager import FtkPluginManager
 
     mgr = FtkPluginManager()
-    r = recipe_for(tmp_path / method, method, manager=mgr, n_pairs=8, n_val=0, max_steps=1)
+    # prompts cut to 24 tokens: the sequences' lengths differ (41 to 87 tokens), so the padded batch has padding
+    # and the packed one rows of two sequences
+    r = recipe_for(tmp_path / method, method, manager=mgr, n_pairs=8, n_val=0, max_steps=1, max_prompt_length=24)
     tok = M.load_tokenizer(r)
     pairs = D.prepare_data(r, tok, mgr).train  # the core's pairs: what a "pairs" trainer gets
     plan = T.trainer_plan(r, mgr, str(tmp_path / method))
-    ours, theirs = (M.load_model(r, mgr, tok)[0] for _ in range(2))
+    ours, padded, theirs = (M.load_model(r, mgr, tok)[0] for _ in range(3))
     args = lambda: plan.training_arguments(T.training_arguments(r, str(tmp_path / method), has_eval=False))
     ftk_trainer = T._plan_trainer_class(plan, r)(model=ours, args=args(), data_collator=None, train_dataset=pairs,
                                                  processing_class=tok)
+    r_padded = recipe_for(tmp_path / method, method, {"padding_free": False} if method != "orpo" else None,
+                          manager=mgr, n_pairs=8, n_val=0, max_steps=1, max_prompt_length=24)
+    ftk_padded = T._plan_trainer_class(T.trainer_plan(r_padded, mgr, str(tmp_path / method)), r_padded)(
+        model=padded, args=args(), data_collator=None, train_dataset=pairs, processing_class=tok)
     pings.append("ftk done")
     # TRL's trainer prepares its own data (text), unused here: both compute the loss of one batch of ours
     with open(PAIRS, encoding="utf-8") as f:
@@ -264,14 +275,46 @@ def _two_models(tmp_path, method, pings: list):
     # TRL cast its copy's trainable weights to bf16 (QLoRA); give it ours, then move LoRA B off zero in
     # both so the policy differs from the reference
     g = torch.Generator().manual_seed(0)
-    theirs_params = dict(theirs.named_parameters())
+    theirs_params, padded_params = dict(theirs.named_parameters()), dict(padded.named_parameters())
     for n, p in ours.named_parameters():
         if p.requires_grad:
             if "lora_B" in n:
                 p.data = torch.randn(p.shape, generator=g) * 0.05
             theirs_params[n].data = p.data.clone()
+            padded_params[n].data = p.data.clone()
     batch = ftk_trainer.data_collator([ftk_trainer.train_dataset[i] for i in range(4)])
-    return ftk_trainer, trl_trainer, batch
+    return ftk_trainer, ftk_padded, trl_trainer, batch
+
+
+@contextlib.contextmanager
+def _backbone_calls(model):
+    """The inputs of every call of the transformer under ``model``'s LM head (TRL's fused head calls it)."""
+    calls = []
+    backbone = model.get_base_model().model
+    hook = backbone.register_forward_pre_hook(lambda m, a, kw: calls.append(dict(kw)), with_kwargs=True)
+    try:
+        yield calls
+    finally:
+        hook.remove()
+
+
+def _sequences_of(call) -> list[list[int]]:
+    """The token sequences a call runs, sorted: the rows' unmasked tokens, or the packed rows split where
+    the position ids restart (a row's unused end, all pad id 0, left out)."""
+    ids = call["input_ids"]
+    if call.get("attention_mask") is not None:
+        return sorted(row[mask.bool()].tolist() for row, mask in zip(ids, call["attention_mask"]))
+    out = []
+    for row, pos in zip(ids.tolist(), call["position_ids"].tolist()):
+        starts = [i for i, p in enumerate(pos) if p == 0] + [len(pos)]
+        out += [row[a:b] for a, b in zip(starts, starts[1:]) if any(row[a:b])]
+    return sorted(out)
+
+
+def _last_metrics(trainer) -> dict:
+    """What the trainer logs for the batch it computed last (ORPO keeps its metrics in ``_stored_metrics``)."""
+    kept = trainer._metrics if hasattr(trainer, "_metrics") else trainer._stored_metrics
+    return {k: v[-1] for k, v in kept["train" if trainer.model.training else "eval"].items() if v}
 
 
 @pytest.mark.parametrize("method", ["dpo", "orpo", "kto"])
@@ -281,20 +324,129 @@ def test_loss_equals_trls_own_trainer(tmp_path, monkeypatch, method):
     pings = []
     monkeypatch.delenv("CI", raising=False)  # TRL stays quiet under CI; here it must want to ping
     monkeypatch.setattr(trl.trainer.base_trainer, "send_telemetry", lambda topic, **kw: pings.append(topic))
-    ftk_trainer, trl_trainer, batch = _two_models(tmp_path, method, pings)
+    ftk_trainer, ftk_padded, trl_trainer, batch = _two_models(tmp_path, method, pings)
     # ftk's trainers never ping the Hub (TRL's own does, unless HF_HUB_DISABLE_TELEMETRY/HF_HUB_OFFLINE)
     assert pings == ["ftk done", f"trl/{type(trl_trainer).__name__}"]
     # TRL's reference is a "ref" copy of the fresh adapter, ftk's the adapter disabled (ORPO has none)
     assert "ref" not in ftk_trainer.model.peft_config
     assert ("ref" in trl_trainer.model.peft_config) == (method != "orpo")
     assert all(p.dtype == torch.float32 for p in ftk_trainer.model.parameters() if p.requires_grad)
+    # DPO and KTO are padding-free by default; ORPO reads the full logits and stays padded
+    assert ftk_trainer.ftk_packing == (None if method == "orpo" else "rows") and ftk_padded.ftk_packing is None
+    losses, metrics, calls = {}, {}, {}
     with torch.no_grad():
-        ours = ftk_trainer.compute_loss(ftk_trainer.model, batch).item()
-        theirs = trl_trainer.compute_loss(trl_trainer.model, batch).item()
-    print(f"{method}: ftk {ours:.8f} TRL {theirs:.8f}")
+        for name, tr in (("ftk", ftk_trainer), ("ftk padded", ftk_padded), ("TRL", trl_trainer)):
+            with _backbone_calls(tr.model) as calls[name]:
+                losses[name] = tr.compute_loss(tr.model, batch).item()
+            metrics[name] = _last_metrics(tr)
+    print(f"{method}: " + ", ".join(f"{k} {v:.8f}" for k, v in losses.items()))
+    ours, theirs = losses["ftk"], losses["TRL"]
     assert math.isfinite(ours) and abs(ours - theirs) < 1e-5, (ours, theirs)
+    # the padding-free loss and every logged metric are the padded path's and TRL's (relative 1e-5)
+    close = lambda a, b: math.isclose(a, b, rel_tol=1e-5, abs_tol=1e-7)
+    assert close(ours, losses["ftk padded"]) and close(losses["ftk padded"], theirs), losses
+    assert len(metrics["ftk"]) >= {"dpo": 11, "orpo": 11, "kto": 8}[method]
+    worst = max(abs(v - m[k]) / max(abs(m[k]), 1e-12) for m in (metrics["ftk padded"], metrics["TRL"])
+                for k, v in metrics["ftk"].items())
+    print(f"{method}: {sorted(metrics['ftk'])}, largest relative difference {worst:.1e}")
+    for other in ("ftk padded", "TRL"):
+        assert metrics[other].keys() == metrics["ftk"].keys()
+        differ = {k: (v, metrics[other][k]) for k, v in metrics["ftk"].items() if not close(v, metrics[other][k])}
+        assert not differ, (other, differ)
+    # what reached the model: TRL's own padded batches with padding_free false, packed rows without
+    n_calls = {"dpo": 2, "kto": 4}.get(method, 1)  # policy + reference (KTO: + the KL pass of each)
+    assert len(calls["ftk"]) == len(calls["ftk padded"]) == len(calls["TRL"]) == n_calls
+    for padded_call, trl_call in zip(calls["ftk padded"], calls["TRL"]):
+        assert torch.equal(padded_call["input_ids"], trl_call["input_ids"])
+        assert torch.equal(padded_call["attention_mask"], trl_call["attention_mask"])
+    if method == "orpo":  # (its batch holds chosen_/rejected_ columns, concatenated in its forward)
+        assert torch.equal(calls["ftk"][0]["input_ids"], calls["ftk padded"][0]["input_ids"])
+    else:  # the last call is the reference pass on the collator's batch
+        assert torch.equal(calls["TRL"][-1]["input_ids"], batch["input_ids"])
+        assert torch.equal(calls["TRL"][-1]["attention_mask"], batch["attention_mask"])
+        for packed_call, padded_call in zip(calls["ftk"], calls["ftk padded"]):
+            assert packed_call.get("attention_mask") is None and packed_call["position_ids"] is not None
+            assert _sequences_of(packed_call) == _sequences_of(padded_call)
+        # fewer positions: some rows hold two sequences
+        assert sum(c["input_ids"].numel() for c in calls["ftk"]) < sum(c["input_ids"].numel()
+                                                                     for c in calls["ftk padded"])
     if method != "orpo":  # against the reference, the perturbed policy is not at the starting loss
         assert abs(ours - {"dpo": math.log(2), "kto": 0.5}[method]) > 1e-3
+
+
+# -- padding-free model calls ----------------------------------------------------------------------
+@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+def test_a_packed_call_returns_the_padded_calls_per_token_outputs(attention):
+    """transformers 5 masks packed sequences from position ids that restart (no attention mask): TRL's
+    fused head on the packed rows (``rows``: no wider than the longest sequence; ``one row``) gives every
+    per-token output, the loss and the gradient of the padded call, 0 at padding as there."""
+    from transformers import AutoModelForCausalLM
+    from trl.trainer.utils import add_fused_lm_head
+
+    from ftk.plugins.trainer_preference import PackedBatch, packed_forward
+
+    torch.manual_seed(0)
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation=attention)
+    add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
+    fused = model.forward
+    lengths = [17, 5, 30, 12, 30, 9, 2]
+    mask = (torch.arange(30) < torch.tensor(lengths)[:, None]).long()
+    ids = torch.randint(3, 500, mask.shape).masked_fill(mask == 0, 0)
+    labels = ids.masked_fill((mask == 0) | (torch.arange(30) < 4), -100)  # the first 4 tokens: a "prompt"
+    call = dict(input_ids=ids, attention_mask=mask, labels=labels, use_cache=False, fused_lm_head=True)
+    weight = model.model.layers[0].self_attn.q_proj.weight
+
+    def run(forward):
+        model.zero_grad()
+        out = forward(**call)
+        out.log_probs.sum().backward()
+        return out, weight.grad.clone()
+
+    want, want_grad = run(fused)
+    for one_row, rows in ((False, 4), (True, 1)):  # rows: 30 | 30 | 17+12 | 9+5+2
+        packed = PackedBatch(mask, one_row)
+        assert packed.size[0] == rows and packed.size[1] == (30 if not one_row else sum(lengths))
+        got, got_grad = run(packed_forward(fused, one_row))
+        for k in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
+            assert got[k].shape == want[k].shape == (7, 29), k
+            assert torch.allclose(got[k].float(), want[k].float(), rtol=1e-5, atol=2e-5), (k, one_row)
+        assert torch.allclose(got.log_probs.sum(1), want.log_probs.sum(1), rtol=1e-5, atol=1e-5)
+        assert torch.allclose(got.loss, want.loss, rtol=1e-6) and torch.allclose(got_grad, want_grad, atol=1e-4)
+    # the control: the same rows with positions that do not restart let each sequence see the one before
+    packed = PackedBatch(mask)
+    wrong = fused(input_ids=packed.pack(ids, 0), position_ids=torch.arange(30).expand(*packed.size),
+                  shift_labels=packed.shift_labels(labels), fused_lm_head=True, use_cache=False)
+    assert (packed.unpack(wrong.log_probs) - want.log_probs).abs().max() > 0.1
+    # calls it cannot pack go through unchanged: left padding, no fused head (generation)
+    model.zero_grad()
+    left = dict(call, input_ids=ids.flip(1), attention_mask=mask.flip(1), labels=labels.flip(1))
+    assert torch.equal(packed_forward(fused)(**left).log_probs, fused(**left).log_probs)
+    with torch.no_grad():
+        plain = packed_forward(fused)(input_ids=ids[:1, :17])
+    assert plain.logits.shape == (1, 17, model.config.vocab_size)
+
+
+def test_padding_free_dpo_trains_as_the_padded_run(tmp_path):
+    """A short padding-free DPO run (prompts cut to 24 tokens, so sequences of 41-96 tokens share rows)
+    starts at log 2, learns (reward accuracy rises, the adapter moves) and follows the padded run."""
+    kw = dict(n_pairs=40, n_val=0, max_steps=8, max_prompt_length=24)
+    free = train_pairs(tmp_path / "free", "dpo", **kw)
+    padded = train_pairs(tmp_path / "padded", "dpo", trainer={"padding_free": False}, **kw)
+    assert free.model.get_base_model().forward.ftk_packed == "rows"
+    assert not hasattr(padded.model.get_base_model().forward, "ftk_packed")
+    assert abs(free.metrics["first_loss"] - math.log(2)) < 1e-6
+    assert free.metrics["tokens"] == padded.metrics["tokens"]  # non-padding tokens, from the same batches
+    a, b = ([r for r in log_rows(tmp_path / x) if "loss" in r] for x in ("free", "padded"))
+    assert [r["step"] for r in a] == [r["step"] for r in b] == list(range(1, 9))
+    for ra, rb in zip(a, b):
+        for k in ("loss", "rewards/accuracies", "rewards/margins", "logps/chosen", "logps/rejected", "entropy"):
+            assert math.isclose(ra[k], rb[k], rel_tol=1e-4, abs_tol=1e-5), (ra["step"], k, ra[k], rb[k])
+    accuracy = [r["rewards/accuracies"] for r in a]
+    assert accuracy[0] == 0.0 and sum(accuracy[-4:]) / 4 > 0.5  # ties at the start; the chosen wins later
+    assert a[-1]["loss"] < math.log(2)
+    moved, same = lora_b(free.model), lora_b(padded.model)
+    assert all(v.abs().sum() > 0 for v in moved.values())
+    assert max((moved[k] - same[k]).abs().max().item() for k in moved) < 1e-4
 
 
 # -- training -------------------------------------------------------------------------------------
