@@ -172,6 +172,20 @@ _PER_TOKEN = ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top
 _CALL_KEYS = {"input_ids", "attention_mask", "labels", "use_cache", "num_items_in_batch"}
 
 
+def _first_fit(lengths: list[int], capacity: int) -> list[list[int]]:
+    """Sequences (longest first) into rows of ``capacity`` tokens, each into the first row it fits."""
+    rows: list[list[int]] = []
+    room: list[int] = []
+    for i in sorted(range(len(lengths)), key=lambda j: -lengths[j]):
+        k = next((r for r, free in enumerate(room) if free >= lengths[i]), len(rows))
+        if k == len(rows):
+            rows.append([])
+            room.append(capacity)
+        rows[k].append(i)
+        room[k] -= lengths[i]
+    return rows
+
+
 class PackedBatch:
     """Where each token of a right-padded batch (``attention_mask`` (R, L): ones, then zeros) sits once
     its R sequences are packed without padding: into one row when ``one_row`` (for flash attention, which
@@ -181,16 +195,14 @@ class PackedBatch:
     to nothing real."""
 
     def __init__(self, attention_mask, one_row: bool = False):
-        import numpy as np
         import torch
 
-        from ftk.rows import pack_bins
 
         dev = attention_mask.device
         self.shape = tuple(attention_mask.shape)
         self.lengths = attention_mask.sum(1)
         lengths = self.lengths.tolist()
-        bins = pack_bins(np.asarray(lengths), sum(lengths) if one_row else max(lengths))
+        bins = _first_fit(lengths, sum(lengths) if one_row else max(lengths))
         row_of, start_of, fill = [0] * len(lengths), [0] * len(lengths), []
         for b, members in enumerate(bins):
             used = 0
@@ -434,7 +446,7 @@ def _plan(method: str, options: dict, ctx, fields: dict, notes: list[str]) -> Tr
     fields = {**fields, "max_length": int(recipe["data"]["max_length"]),
               "disable_dropout": bool(options["disable_dropout"])}
     _, _, _, seqs, ref_seqs = _TRL[method]
-    padding_free = bool(options.get("padding_free", False))
+    padding_free = bool(options.get("padding_free"))  # orpo has no such option: always padded
     return TrainerPlan(data="pairs", trainer_class=lambda base: trainer_class(method, base, padding_free),
                        training_arguments=lambda args: trl_config(method, args, **fields),
                        sequences_per_example=seqs, reference_sequences_per_example=ref_seqs, notes=notes)
