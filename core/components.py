@@ -263,6 +263,9 @@ class TrainerPlan:
     # without gradient while those activations are kept (a reference model's pass: DPO 2, KTO 1).
     sequences_per_example: int = 1
     reference_sequences_per_example: int = 0
+    # Positions whose output logits the loss holds at once (since 0.1.0): None, every position of the
+    # micro-batch (the model's own loss); a chunked loss (``ftk.losses``) gives its chunk size. For ``ftk plan``.
+    logits_positions: int | None = None
 
 
 @dataclass

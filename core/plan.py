@@ -235,7 +235,9 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         activations = tokens * (s.layers * h * d + 2 * per_layer_tok)
     else:
         activations = tokens * (s.layers + 1) * per_layer_tok
-    logits = tokens * s.vocab * 4 * 3  # fp32 logits, log-softmax kept for backward, their gradient
+    # fp32 logits, log-softmax kept for backward, their gradient: for every position, or one chunk of them
+    live = tokens if method.logits_positions is None else min(tokens, method.logits_positions)
+    logits = live * s.vocab * 4 * 3
     # a no-grad pass (the reference) while the graph is kept: one layer's tensors at a time, fp32 logits
     ref_tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"]) * ref_seqs
     reference = ref_tokens * (per_layer_tok + s.vocab * 4)
@@ -259,7 +261,8 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         "bytes": {k: _int(v) for k, v in parts.items()},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
                         "quantized_linear_parameters": _int(quantized), "sequences_per_example": seqs,
-                        "reference_sequences_per_example": ref_seqs, "device": "cuda" if cuda else "cpu",
+                        "reference_sequences_per_example": ref_seqs,
+                        "logits_positions": method.logits_positions, "device": "cuda" if cuda else "cpu",
                         "processes": processes, "strategy": dist["strategy"], "shards": n},
         "unknown": sizes["unknown"],
     }

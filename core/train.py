@@ -249,6 +249,9 @@ def trainer_plan(recipe: dict, manager, output_dir: str):
         n = getattr(plan, attr)
         if isinstance(n, bool) or not isinstance(n, int) or n < least:
             raise PluginError(f"{who}: TrainerPlan.{attr} must be a whole number >= {least}, got {n!r}")
+    n = plan.logits_positions
+    if n is not None and (isinstance(n, bool) or not isinstance(n, int) or n < 1):
+        raise PluginError(f"{who}: TrainerPlan.logits_positions must be None or a whole number >= 1, got {n!r}")
     return plan
 
 

@@ -1,14 +1,47 @@
 """Built-in trainer `sft`: supervised fine-tuning on the rows ftk.data prepares (prompt tokens masked,
-the response trained with next-token cross-entropy), with transformers' own loss. The core's FtkTrainer,
-callbacks, checkpoints and adapter save do the rest, as for every trainer."""
+the response trained with next-token cross-entropy). The core's FtkTrainer, callbacks, checkpoints and
+adapter save do the rest, as for every trainer.
+
+The loss is transformers' own, or with ``chunked_loss`` (the default) the same loss computed by
+``ftk.losses`` from the final hidden states a chunk at a time and only where a label is, so the whole
+batch's logits never exist (docs/training.md, "Memory")."""
+import functools
+
 from ftk.components import TrainerPlan
+from ftk.errors import FtkError
 from ftk.hookspecs import hookimpl
 
-SCHEMA = {"type": "object", "properties": {}}
+SCHEMA = {
+    "type": "object",
+    "properties": {
+        "chunked_loss": {
+            "enum": ["auto", True, False], "default": "auto",
+            "description": "Compute the cross-entropy without materializing the batch's logits: chunk_tokens "
+                           "labelled positions at a time, each chunk's logits recomputed in the backward pass. "
+                           "Same loss and gradients as the plain loss. auto: on, except under FSDP sharding "
+                           "(whose output layer is gathered only inside the model's forward)."},
+        "chunk_tokens": {"type": "integer", "minimum": 1, "default": 1024,
+                         "description": "Positions per chunk of the chunked loss (logits alive at a time)."},
+    },
+    "additionalProperties": False,
+}
 
 
 def plan_sft(options, ctx) -> TrainerPlan:
-    return TrainerPlan(data="rows")
+    sharded = ctx.recipe["distributed"]["strategy"] == "fsdp"
+    chunked = options["chunked_loss"]
+    if chunked is True and sharded:
+        raise FtkError("trainer.chunked_loss: true does not work with distributed.strategy fsdp (the sharded output "
+                       "layer is gathered only inside the model's forward); use \"auto\" or false")
+    if chunked == "auto":
+        chunked = not sharded
+    if not chunked:
+        return TrainerPlan(data="rows")
+    from ftk.losses import causal_lm_loss_chunked
+
+    chunk = options["chunk_tokens"]
+    return TrainerPlan(data="rows", compute_loss=functools.partial(causal_lm_loss_chunked, chunk_tokens=chunk),
+                       logits_positions=chunk)
 
 
 @hookimpl

@@ -27,3 +27,12 @@ def test_preprocess_bench_runs():
                        text=True, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
     assert "cold" in p.stdout and "cached" in p.stdout and "2,000 rows" in p.stdout
+
+
+def test_loss_memory_bench_runs_and_the_losses_agree():
+    p = subprocess.run([sys.executable, "bench/loss_memory.py", "--batch", "2", "--seq", "256", "--vocab", "4096",
+                        "--precision", "fp32"], cwd=ROOT, capture_output=True, text=True, env=ENV)
+    assert p.returncode == 0, p.stderr[-3000:]
+    assert "ERROR" not in p.stdout, p.stdout[-3000:]
+    ratio = next(ln for ln in p.stdout.splitlines() if ln.startswith("chunked / plain"))
+    assert float(ratio.rsplit(" ", 1)[1]) < 1e-4, ratio  # the loss difference: the same computation

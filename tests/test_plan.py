@@ -183,3 +183,12 @@ def test_plan_for_another_machine(tmp_path):
     bad = subprocess.run([sys.executable, "-m", "ftk", "plan", str(tmp_path / "r.json"), "--no-data",
                           "--device-memory", "lots"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "expected a size such as 24GiB" in bad.stderr
+
+
+def test_the_chunked_loss_is_planned_as_one_chunk_of_logits():
+    """sft's default chunked loss holds chunk_tokens positions of logits; chunked_loss false, the batch's."""
+    r = seed_recipe(True)
+    on = estimate_memory(LLAMA_7B, r, cuda=True)
+    off = estimate_memory(LLAMA_7B, {**r, "trainer": {"method": "sft", "chunked_loss": False}}, cuda=True)
+    assert on["assumptions"]["logits_positions"] == 1024 and off["assumptions"]["logits_positions"] is None
+    assert off["bytes"]["logits"] == 4 * 512 * 32000 * 12 and on["bytes"]["logits"] == 1024 * 32000 * 12
