@@ -369,6 +369,7 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
     try:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
+        _keep_sentencepiece(tmp, adapter_dir, base)
         if out.exists():
             out.rmdir()
         os.replace(tmp, out)
@@ -376,3 +377,24 @@ def merge_adapter(adapter_dir: str | os.PathLike, out_dir: str | os.PathLike, dt
         shutil.rmtree(tmp, ignore_errors=True)
         raise
     return out
+
+
+def _keep_sentencepiece(folder: Path, adapter_dir, base: str) -> None:
+    """Put the SentencePiece model (tokenizer.model) of the adapter or its base into ``folder`` when
+    ``save_pretrained`` left it out (transformers 5 writes tokenizer.json only): converters such as llama.cpp's
+    read the pieces' scores from it, and tokenize differently without it."""
+    import shutil
+
+    if (folder / "tokenizer.model").exists():
+        return
+    for d in (adapter_dir, base):
+        if d and (Path(d) / "tokenizer.model").is_file():
+            shutil.copyfile(Path(d) / "tokenizer.model", folder / "tokenizer.model")
+            return
+    if not Path(base).exists():  # a hub id: its file, when it has one
+        try:
+            from huggingface_hub import hf_hub_download
+
+            shutil.copyfile(hf_hub_download(base, "tokenizer.model"), folder / "tokenizer.model")
+        except Exception:  # none there (a BPE tokenizer), or offline: tokenizer.json is what there is
+            pass
