@@ -13,7 +13,7 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable, Protocol
 
 # The component kinds, listed once: each is registered through the hook ``ftk_register_<kind>s``.
-KINDS = ("dataset", "quantizer", "adapter", "metric", "trainer", "callback")
+KINDS = ("dataset", "quantizer", "adapter", "metric", "trainer", "callback", "exporter")
 
 
 @dataclass
@@ -289,3 +289,33 @@ class PreparedData:
     source_files: list = field(default_factory=list)  # [path, size, mtime_ns] of files loaders declared
     reusable: bool = True  # every loader's data may be served from the prepared-rows cache
     form: str = "rows"  # which of DATA_FORMS train/validation hold
+
+
+# What ``ftk export`` was given (``ExportContext.source_kind``, since 0.1.0): a finished run's folder (its
+# ``adapter/``), a LoRA adapter folder, or a plain model (a folder with config.json, or a hub id).
+EXPORT_SOURCES = ("run", "adapter", "model")
+
+
+@dataclass
+class ExportContext:
+    """What an exporter's factory gets (``ftk export``, since 0.1.0): ``factory(options, ctx)`` writes the
+    export at ``staging`` (a file or a folder, not there yet) and returns notes to show (a list of strings,
+    or None). The core renames ``staging`` to ``output`` only after the factory returned, and removes it
+    and ``work_dir`` whatever happens, so an export is never left half-written. Heavy work the core
+    already does is offered as callables, so an exporter never repeats it:
+
+    - ``merged_model(dtype="float32") -> str``: a local folder holding a plain transformers model: for a
+      run or an adapter, the adapter merged into its de-quantized base (as ``ftk merge`` does, into
+      ``work_dir``, once per dtype); for a model source, the model's own folder (a hub id downloaded).
+    - ``base_model() -> str``: a local folder of the base model (the model itself for a model source).
+    """
+
+    source: str  # what the user named, as given
+    source_kind: str  # one of EXPORT_SOURCES
+    adapter_dir: str | None  # the adapter folder ("run", "adapter"), else None
+    base: str  # the base model: a folder or a hub id (the adapter's base, or the model itself)
+    output: str  # where the export ends up (absolute)
+    staging: str  # where the factory writes it: in output's folder, renamed to output afterwards
+    work_dir: str  # scratch space, removed afterwards
+    merged_model: Callable[..., str]
+    base_model: Callable[[], str]

@@ -49,6 +49,12 @@ def ftk_register_callbacks(register):
     ``factory(options, ctx) -> list[transformers.TrainerCallback]`` (``ctx``: ``ftk.components.TrainerContext``)."""
 
 
+@hookspec
+def ftk_register_exporters(register):
+    """Register export formats for ``ftk export --format NAME``:
+    ``factory(options, ctx) -> list[str] | None`` (``ctx``: ``ftk.components.ExportContext``)."""
+
+
 @hookspec(firstresult=True)
 def ftk_adapter_targets(model_type, preset):
     """Return the module names an adapter targets for ``preset`` on ``model_type``, or None.

@@ -129,6 +129,25 @@ def check_ftk_register_callbacks(mgr, rec, tmp_path):
     cbs[0].on_log(None, state, TrainerControl(), logs={"loss": 1.5})  # runs without error
 
 
+def check_ftk_register_exporters(mgr, rec, tmp_path):
+    from click.testing import CliRunner
+
+    from conftest import MODEL_DIR
+    from ftk.cmd_export import export
+
+    assert rec.provides == ["exporter:hf_folder"]
+    out = tmp_path / "exported"
+    res = CliRunner().invoke(export, [str(MODEL_DIR), "--format", "hf_folder", "--type", "float16", "--out", str(out)],
+                             obj={"manager": mgr})
+    assert res.exit_code == 0, res.output
+    assert f"note: model {MODEL_DIR} as a float16 folder" in res.output  # a model source: its own folder
+    assert sorted(p.name for p in out.iterdir()) == sorted(p.name for p in MODEL_DIR.iterdir())
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["exported"]  # nothing else left behind
+    res = CliRunner().invoke(export, [str(MODEL_DIR), "--format", "hf_folder", "--type", "int4", "--out",
+                                      str(tmp_path / "x")], obj={"manager": mgr})
+    assert "--type: 'int4' is not one of 'float32', 'bfloat16', 'float16'" in str(res.exception)
+
+
 def check_ftk_adapter_targets(mgr, rec, tmp_path):
     assert mgr.adapter_targets("gpt_neox", "default") == ["query_key_value"]
     assert mgr.adapter_targets("gpt_neox", "all-linear")[0] == "query_key_value"
