@@ -30,6 +30,32 @@ def _check_adapter_dir(adapter: str) -> None:
         raise FtkError(f"--adapter: {adapter} is not an adapter folder (no adapter_config.json)")
 
 
+def decoding_options(beams_help: str):
+    """The decoding flags `ftk generate` and `ftk chat` share (their rule: ftk.generation.resolve_decoding)."""
+    options = [
+        click.option("--max-new-tokens", type=click.IntRange(min=1), default=_gen_default("max_new_tokens"),
+                     show_default=True),
+        click.option("--num-beams", type=click.IntRange(min=1), default=None, help=beams_help),
+        click.option("--do-sample/--no-sample", default=None,
+                     help="Sample, or not. Unset: sample when --temperature (> 0) or --top-p is given."),
+        click.option("--temperature", type=click.FloatRange(min=0), default=None,
+                     help="Sampling temperature; given alone it turns sampling on (1.0 when sampling without it). "
+                          "0: greedy decoding."),
+        click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
+                     help="Nucleus sampling mass; given alone it turns sampling on (1.0 when sampling without it)."),
+        click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
+                     default=_gen_default("repetition_penalty"), show_default=True),
+        click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible sampled output)."),
+    ]
+
+    def apply(f):
+        for option in reversed(options):
+            f = option(f)
+        return f
+
+    return apply
+
+
 def load_for_eval(recipe: dict, manager, tokenizer, adapter: str | None):
     """The recipe's base model (quantized as the recipe says, no fresh adapter) plus, when given, a
     trained adapter from ``adapter``. Inference only: no k-bit training preparation."""
@@ -42,6 +68,19 @@ def load_for_eval(recipe: dict, manager, tokenizer, adapter: str | None):
 
         model = PeftModel.from_pretrained(model, adapter)
     return model.eval()
+
+
+def load_for_generation(base: str | None, adapter: str | None, who: str):
+    """(model, tokenizer) for generating, as `ftk generate` and `ftk chat` load them: the base (``base``, else
+    the adapter's own base) unquantized, as `ftk merge` loads it, plus the adapter; on the GPU when there is one."""
+    import torch
+
+    from ftk.model import adapter_base_name, load_unquantized
+
+    model, tokenizer = load_unquantized(base or adapter_base_name(adapter), adapter, who=who)
+    if torch.cuda.is_available():
+        model = model.to("cuda")
+    return model, tokenizer
 
 
 def format_table(metrics: dict, higher_is_better: dict[str, bool] | None = None) -> str:
@@ -125,19 +164,7 @@ def eval_cmd(ctx, recipe, adapter, overrides, no_base, out, as_json):
               help="A trained adapter folder; its base model comes from adapter_config.json unless --base is given.")
 @click.option("--base", "base", default=None, metavar="MODEL",
               help="Base model folder or hub id (alone: generate with the base model, no adapter).")
-@click.option("--max-new-tokens", type=click.IntRange(min=1), default=_gen_default("max_new_tokens"), show_default=True)
-@click.option("--num-beams", type=click.IntRange(min=1), default=None,
-              help="Beam width. Unset: 4 (beam search), or 1 when sampling or with --temperature 0 (greedy).")
-@click.option("--do-sample/--no-sample", default=None,
-              help="Sample, or not. Unset: sample when --temperature (> 0) or --top-p is given.")
-@click.option("--temperature", type=click.FloatRange(min=0), default=None,
-              help="Sampling temperature; given alone it turns sampling on (1.0 when sampling without it). "
-                   "0: greedy decoding.")
-@click.option("--top-p", type=click.FloatRange(0, 1, min_open=True), default=None,
-              help="Nucleus sampling mass; given alone it turns sampling on (1.0 when sampling without it).")
-@click.option("--repetition-penalty", type=click.FloatRange(min=0, min_open=True),
-              default=_gen_default("repetition_penalty"), show_default=True)
-@click.option("--seed", type=int, default=None, help="Seed for sampling (reproducible sampled output).")
+@decoding_options("Beam width. Unset: 4 (beam search), or 1 when sampling or with --temperature 0 (greedy).")
 @click.option("--json", "as_json", is_flag=True, help="Print a JSON list of {prompt, response}.")
 def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, temperature, top_p,
              repetition_penalty, seed, as_json):
@@ -167,15 +194,9 @@ def generate(prompts, adapter, base, max_new_tokens, num_beams, do_sample, tempe
         raise FtkError("generate: give --adapter DIR or --base MODEL")
     if adapter:
         _check_adapter_dir(adapter)
-    import torch
-
     from ftk.evaluate import QualitativeEvaluator
-    from ftk.model import adapter_base_name, load_unquantized
 
-    base_name = base or adapter_base_name(adapter)
-    model, tokenizer = load_unquantized(base_name, adapter, who="generate")
-    if torch.cuda.is_available():
-        model = model.to("cuda")
+    model, tokenizer = load_for_generation(base, adapter, "generate")
     responses = QualitativeEvaluator(model, tokenizer).generate(
         list(prompts), max_length=max_new_tokens, repetition_penalty=repetition_penalty, seed=seed, **decoding)
     if as_json:

@@ -16,6 +16,7 @@ _MODULES = {
     "ftk.cmd_model": ["merge"],
     "ftk.cmd_plan": ["plan"],
     "ftk.cmd_compare": ["compare"],
+    "ftk.cmd_chat": ["chat"],
     "ftk.cmd_export": ["export"],
 }
 
