@@ -15,14 +15,20 @@ from pathlib import Path
 from ftk.errors import FtkError, PluginFailure, RunError
 from ftk.io import atomic_write_json
 
-REDACT_KEYS = ("token", "api_key", "apikey", "secret", "password")
+REDACT_KEYS = ("api_key", "apikey", "secret", "password")
+
+
+def secret_key(key: str) -> bool:
+    """A key that names a secret: contains api_key/secret/password, or ends in "token" (hub_token,
+    authToken) -- not every key that merely contains it (BLEU's "tokenize", "tokenizer")."""
+    low = str(key).lower()
+    return any(s in low for s in REDACT_KEYS) or low.endswith("token")
 
 
 def redact(obj):
     """Drop secret-looking values so they never reach recipe.json, manifest.json, logs or reports."""
     if isinstance(obj, dict):
-        return {k: ("***" if any(s in k.lower() for s in REDACT_KEYS) and isinstance(v, str) else redact(v))
-                for k, v in obj.items()}
+        return {k: ("***" if secret_key(k) and isinstance(v, str) else redact(v)) for k, v in obj.items()}
     if isinstance(obj, list):
         return [redact(v) for v in obj]
     return obj

@@ -202,6 +202,9 @@ def test_secrets_never_written(tmp_path):
     rec = {"report_to": {"wandb_api_key": "sekrit", "hub_token": "hf_abc"}, "x": [{"password": "p"}], "ok": 1}
     text = json.dumps(redact(rec))
     assert "sekrit" not in text and "hf_abc" not in text and '"p"' not in text and '"ok": 1' in text
+    # options that only contain "token" are not secrets: a written recipe.json must load again
+    kept = {"tokenize": "13a", "tokenizer": "path/to/tok", "max_new_tokens": 8, "authToken": "x"}
+    assert redact(kept) == {**kept, "authToken": "***"}
 
 
 def test_deeply_nested_recipe_is_one_line_error(tmp_path, capsys):
