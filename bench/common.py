@@ -107,6 +107,35 @@ def train_flops_per_token(config: dict) -> float:
     return 4 * n
 
 
+HELDOUT = 32  # rows after the training rows: every setup's trained model is scored on the same ones
+
+
+def after_training(model, tokenizer, rows: list[dict]) -> dict:
+    """What makes setups comparable beyond speed, measured the same way for each: how many LoRA B matrices
+    moved from their zero init (the adapter trained), and the mean token NLL of the trained model on held-out
+    Alpaca rows (each whole sequence, one at a time, no padding, the model's own precision): equal within
+    noise when the setups did the same computation."""
+    import torch
+
+    b = [p for n, p in model.named_parameters() if "lora_B" in n]
+    moved = sum(int(bool((p.detach() != 0).any())) for p in b)
+    nll, count = 0.0, 0
+    # train mode with dropout off: bitsandbytes' eval-mode path on AVX512-BF16 CPUs repacks 4-bit weights
+    # into a layout that rejects widths like 1376 (docs/bitsandbytes-cpu-autograd.md)
+    model.train()
+    for m in model.modules():
+        if isinstance(m, torch.nn.Dropout):
+            m.eval()
+    with torch.no_grad():
+        for row in rows:
+            p, r = alpaca_text(row)
+            ids = tokenizer(p + r + tokenizer.eos_token, return_tensors="pt", truncation=True, max_length=512).input_ids
+            out = model(input_ids=ids.to(model.device), labels=ids.to(model.device))
+            n = ids.shape[1] - 1
+            nll, count = nll + float(out.loss) * n, count + n
+    return {"lora_b_moved": moved, "lora_b_total": len(b), "heldout_loss": nll / count}
+
+
 def emit(result: dict) -> None:
     print("BENCH_RESULT " + json.dumps(result), flush=True)
 

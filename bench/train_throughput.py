@@ -41,7 +41,7 @@ def _args(out, **kw):
                              report_to=[], save_strategy="no", seed=42, use_cpu=True, disable_tqdm=True, **kw)
 
 
-def setup_baseline(model_dir: Path, rows: list[dict]) -> dict:
+def setup_baseline(model_dir: Path, rows: list[dict], heldout: list[dict]) -> dict:
     """The seed spec done naively: every example padded to 512, fp32 compute, plain Trainer + PEFT."""
     import torch
     from datasets import Dataset
@@ -67,10 +67,11 @@ def setup_baseline(model_dir: Path, rows: list[dict]) -> dict:
         dt = time.perf_counter() - t
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     return {"useful_tokens": useful, "seconds": dt, "final_loss": losses[-1], "first_loss": losses[0],
-            "train_loss": res.training_loss, "steps": tr.state.global_step, "precision": "fp32"}
+            "train_loss": res.training_loss, "steps": tr.state.global_step, "precision": "fp32",
+            **common.after_training(model, tok, heldout)}
 
 
-def setup_trl(model_dir: Path, rows: list[dict]) -> dict:
+def setup_trl(model_dir: Path, rows: list[dict], heldout: list[dict]) -> dict:
     """TRL SFTTrainer with padding-free packing, in its fastest precision on this machine (bf16 only
     where the CPU multiplies bf16 fast: on an AVX2-only CPU bf16 matmuls are emulated and ~400x slower)."""
     import torch
@@ -104,7 +105,8 @@ def setup_trl(model_dir: Path, rows: list[dict]) -> dict:
         dt = time.perf_counter() - t
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     return {"useful_tokens": useful, "seconds": dt, "final_loss": losses[-1], "first_loss": losses[0],
-            "train_loss": res.training_loss, "steps": tr.state.global_step, "precision": "bf16" if bf16 else "fp32"}
+            "train_loss": res.training_loss, "steps": tr.state.global_step, "precision": "bf16" if bf16 else "fp32",
+            **common.after_training(tr.model, tok, heldout)}
 
 
 def ftk_recipe(model_dir: Path, data_file: Path, out: Path, **training) -> dict:
@@ -120,7 +122,7 @@ def ftk_recipe(model_dir: Path, data_file: Path, out: Path, **training) -> dict:
     }
 
 
-def setup_ftk(model_dir: Path, rows: list[dict], **training) -> dict:
+def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], **training) -> dict:
     """ftk's default path (packing, precision auto, its collator and Trainer set-up), via its public API."""
     from ftk import data as data_mod
     from ftk import model as model_mod
@@ -141,7 +143,8 @@ def setup_ftk(model_dir: Path, rows: list[dict], **training) -> dict:
         m = train_mod.train(model, tok, prepared, recipe, mgr, str(Path(tmp) / "run"), resume=None)
         dt = time.perf_counter() - t
     return {"useful_tokens": useful, "seconds": dt, "final_loss": m.get("final_loss"), "first_loss": m.get("first_loss"),
-            "train_loss": m.get("train_loss"), "steps": m.get("steps"), "precision": info.get("precision")}
+            "train_loss": m.get("train_loss"), "steps": m.get("steps"), "precision": info.get("precision"),
+            **common.after_training(model, tok, heldout)}
 
 
 SETUPS = {"baseline": setup_baseline, "trl": setup_trl, "ftk": setup_ftk,
@@ -158,7 +161,8 @@ def main() -> None:
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     a = ap.parse_args()
     if a.setup:  # child process: one setup
-        common.run_child(a.setup, SETUPS[a.setup], Path(a.model_dir), common.alpaca_rows(a.rows))
+        rows = common.alpaca_rows(a.rows + common.HELDOUT)
+        common.run_child(a.setup, SETUPS[a.setup], Path(a.model_dir), rows[:a.rows], rows[a.rows:])
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = common.make_model_dir(Path(tmp) / "model")
@@ -176,7 +180,7 @@ def main() -> None:
     print(f"machine: {json.dumps(common.machine())}")
     print(f"rows: {a.rows}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'setup':<9} {'useful tok/s':>12} {'vs base':>8} {'vs trl':>7} {'peak RSS':>9} {'final loss':>10} "
-          f"{'steps':>5} {'prec':>5} {'MFU':>6}")
+          f"{'steps':>5} {'prec':>5} {'MFU':>6} {'held-out':>8} {'B moved':>7}")
     for r in results:
         if "error" in r:
             print(f"{r['setup']:<9} ERROR {r['error'][-500:]}")
@@ -186,7 +190,13 @@ def main() -> None:
         vb = r["tokens_per_s"] / by["baseline"]["tokens_per_s"] if "tokens_per_s" in by.get("baseline", {}) else float("nan")
         vt = r["tokens_per_s"] / by["trl"]["tokens_per_s"] if "tokens_per_s" in by.get("trl", {}) else float("nan")
         print(f"{r['setup']:<9} {r['tokens_per_s']:12.0f} {vb:8.2f} {vt:7.2f} {r['peak_rss'] / 2**30:7.2f}GB "
-              f"{r['final_loss']:10.4f} {r['steps']:5d} {r['precision']:>5} {100 * r['mfu']:5.1f}%")
+              f"{r['final_loss']:10.4f} {r['steps']:5d} {r['precision']:>5} {100 * r['mfu']:5.1f}% "
+              f"{r['heldout_loss']:8.4f} {r['lora_b_moved']:>3}/{r['lora_b_total']}")
+    base = by.get("baseline", {})
+    if "heldout_loss" in base:
+        print(f"held-out loss ({common.HELDOUT} rows after the training rows) minus the baseline's: " + ", ".join(
+            f"{r['setup']} {r['heldout_loss'] - base['heldout_loss']:+.4f}" for r in results
+            if "heldout_loss" in r and r is not base))
     if a.out:
         Path(a.out).write_text(json.dumps({"machine": common.machine(), "peaks": peaks, "results": results}, indent=2))
 
