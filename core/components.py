@@ -173,6 +173,7 @@ class Metric(Protocol):
     - ``"loss"``: ``compute(nll_sum=float, token_count=int) -> dict[str, float]`` (token-weighted)
     - ``"pairs"``: ``compute(chosen_logps=, rejected_logps=, ref_chosen_logps=, ref_rejected_logps=)``
       (lists of floats, see ``METRIC_INPUTS``) -> dict[str, float]
+    - ``"model"``: ``compute(model=, tokenizer=, context=MetricContext)`` -> dict[str, float] (see ``METRIC_INPUTS``)
     """
 
     requires: str
@@ -184,7 +185,21 @@ class Metric(Protocol):
 # "pairs" (since 0.1.0): ``compute(chosen_logps=, rejected_logps=, ref_chosen_logps=, ref_rejected_logps=)``,
 # lists of floats, one per validation pair: the summed log-probability of each response under the scored
 # model and under the reference (the base: adapter disabled; scoring the base, both are the base's).
-METRIC_INPUTS = ("text", "loss", "pairs")
+# "model" (since 0.1.0): ``compute(model=, tokenizer=, context=)``: the scored model itself (the fine-tuned model,
+# or the base: the same model with its adapter disabled), in eval mode under ``torch.no_grad()``, the run's
+# tokenizer (read it, do not change it: copy it first if a library sets a pad token) and a :class:`MetricContext`.
+# For a metric that runs the model its own way, e.g. a benchmark harness.
+METRIC_INPUTS = ("text", "loss", "pairs", "model")
+
+
+@dataclass(frozen=True)
+class MetricContext:
+    """What a ``"model"`` metric's ``compute`` gets besides the model and the tokenizer (since 0.1.0)."""
+
+    scoring: str | None  # "finetuned" or "base" (None: the caller did not say)
+    recipe: dict  # the resolved recipe (defaults filled)
+    batch_size: int  # training.eval_batch_size, else training.batch_size
+    seed: int  # training.seed
 
 
 @dataclass(frozen=True)
@@ -196,12 +211,13 @@ class MetricInfo:
 
     - ``keys``: the keys ``compute`` returns, a list, or ``keys(options) -> list`` when they depend on the
       metric's options (given as the factory gets them: defaults filled, without ``name``).
-    - ``higher_is_better``: one bool for every key, or ``{key: bool}`` (keys left out: no verdict).
+    - ``higher_is_better``: one bool for every key, or ``{key: bool}`` (keys left out: no verdict), or (since
+      0.1.0) ``higher_is_better(options) -> bool | {key: bool}`` when the keys depend on the options.
     - ``requires``: what the metric needs, as its ``requires`` attribute says (``METRIC_INPUTS``).
     """
 
     keys: list[str] | Callable[[dict], list[str]] | None = None
-    higher_is_better: bool | dict[str, bool] | None = None
+    higher_is_better: bool | dict[str, bool] | Callable[[dict], bool | dict[str, bool]] | None = None
     requires: str | None = None
 
     def keys_for(self, options: dict) -> list[str] | None:
@@ -211,9 +227,19 @@ class MetricInfo:
             raise TypeError(f"MetricInfo.keys must give a list of non-empty strings, got {keys!r}")
         return None if keys is None else list(keys)
 
-    def direction(self, key: str) -> bool | None:
-        """True: higher is better; False: lower is better; None: not declared."""
-        hib = self.higher_is_better
+    def directions_for(self, options: dict) -> bool | dict[str, bool] | None:
+        """The declared direction(s) for these options: a bool for every key, ``{key: bool}``, or None; a callable
+        ``higher_is_better`` is called here."""
+        hib = self.higher_is_better(dict(options)) if callable(self.higher_is_better) else self.higher_is_better
+        if not (hib is None or isinstance(hib, bool)
+                or (isinstance(hib, dict) and all(isinstance(k, str) and isinstance(v, bool) for k, v in hib.items()))):
+            raise TypeError(f"MetricInfo.higher_is_better must give a bool or {{key: bool}}, got {hib!r}")
+        return hib
+
+    def direction(self, key: str, options: dict | None = None) -> bool | None:
+        """True: higher is better; False: lower is better; None: not declared. ``options``: for a callable
+        ``higher_is_better`` (as the factory gets them)."""
+        hib = self.directions_for(options or {})
         return hib.get(key) if isinstance(hib, dict) else hib
 
 

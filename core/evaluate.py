@@ -1,5 +1,5 @@
 """Evaluation: token-weighted perplexity, batched generation, log-probabilities of preference pairs, and
-the metric plugins over all three.
+the metric plugins over them (and over the model itself, for a metric that runs it its own way).
 
 ``evaluate_run`` is what ``ftk run`` calls after training; ``ftk eval`` calls ``evaluate_model``.
 Metrics come only from the registry (``manager.get("metric", name)``), so a plugin metric is
@@ -10,10 +10,11 @@ from __future__ import annotations
 import contextlib
 import logging
 import math
+import re
 from pathlib import Path
 from typing import Any, Iterable
 
-from ftk.components import METRIC_INPUTS
+from ftk.components import METRIC_INPUTS, MetricContext
 from ftk.defaults import schema_default, section, section_defaults
 from ftk.errors import FtkError
 
@@ -44,6 +45,25 @@ def _seeded(seed: int | None, device):
     with torch.random.fork_rng(devices=cuda):
         torch.manual_seed(seed)
         yield
+
+
+@contextlib.contextmanager
+def _random_state_kept(device):
+    """The block may seed or draw from Python's, NumPy's and torch's random generators (a benchmark harness
+    seeds all three); the caller's states come back afterwards."""
+    import random
+
+    import numpy as np
+    import torch
+
+    py, npy = random.getstate(), np.random.get_state()
+    cuda = [device.index if device.index is not None else torch.cuda.current_device()] if device.type == "cuda" else []
+    try:
+        with torch.random.fork_rng(devices=cuda):
+            yield
+    finally:
+        random.setstate(py)
+        np.random.set_state(npy)
 
 
 @contextlib.contextmanager
@@ -320,18 +340,34 @@ def _known_metrics(recipe: dict, manager):
             continue
 
 
-def _declared_keys(manager, comp, spec: dict) -> list[str] | None:
-    """The keys a metric entry declares (None: undeclared); ``keys(options)`` gets the options as the
-    factory does (defaults filled, even for a recipe that did not go through ``load_recipe``)."""
+def _entry_options(comp, spec: dict) -> dict:
+    """A metric entry's options as the factory gets them (defaults filled, even for a recipe that did not go
+    through ``load_recipe``)."""
     import copy
 
     from ftk.recipe import fill_defaults
 
+    return fill_defaults(copy.deepcopy({k: v for k, v in spec.items() if k != "name"}), comp.options_schema)
+
+
+def _declared_keys(manager, comp, spec: dict) -> list[str] | None:
+    """The keys a metric entry declares (None: undeclared); ``keys(options)`` gets the options as the
+    factory does."""
     if comp.info is None:
         return None
-    options = fill_defaults(copy.deepcopy({k: v for k, v in spec.items() if k != "name"}), comp.options_schema)
+    options = _entry_options(comp, spec)
     with manager.calling(comp, "declaring its keys"):
         return comp.info.keys_for(options)
+
+
+def _declared_directions(manager, comp, spec: dict):
+    """What a metric entry declares of its keys' directions: a bool, ``{key: bool}`` or None;
+    ``higher_is_better(options)`` gets the options as the factory does."""
+    if comp.info is None:
+        return None
+    options = _entry_options(comp, spec)
+    with manager.calling(comp, "declaring its directions"):
+        return comp.info.directions_for(options)
 
 
 def check_metrics(recipe: dict, manager) -> list[str]:
@@ -401,11 +437,12 @@ def metric_directions(recipe: dict, manager=None) -> dict[str, bool]:
     for _, spec, comp in _known_metrics(recipe, manager):
         if comp.info is None:
             continue
-        hib = comp.info.higher_is_better
+        hib = _declared_directions(manager, comp, spec)
         keys = _declared_keys(manager, comp, spec)
         for k in keys if keys is not None else (hib if isinstance(hib, dict) else ()):
-            if comp.info.direction(k) is not None:
-                out.setdefault(k, comp.info.direction(k))
+            d = hib.get(k) if isinstance(hib, dict) else hib
+            if d is not None:
+                out.setdefault(k, d)
     return out
 
 
@@ -423,8 +460,13 @@ def build_metrics(recipe: dict, manager, data_form: str | None = None) -> list[t
                            f"(evaluation.metrics[{seen.index(spec)}]); both would report the same keys")
         seen.append(spec)
         keys = _declared_keys(manager, comp, spec)
-        with manager.calling(comp, "building the metric"):
-            obj = comp.factory({k: v for k, v in spec.items() if k != "name"})
+        try:
+            with manager.calling(comp, "building the metric"):
+                obj = comp.factory({k: v for k, v in spec.items() if k != "name"})
+        except FtkError as e:
+            if type(e) is not FtkError:  # a plugin failure, bad data, a stopped run: as they are
+                raise
+            raise FtkError([_located(f"evaluation.metrics[{i}]", m, comp.options_schema) for m in e.messages]) from None
         requires = getattr(obj, "requires", None)
         declared = comp.info.requires if comp.info is not None else None
         if requires not in METRIC_INPUTS or declared not in (None, requires):
@@ -437,6 +479,15 @@ def build_metrics(recipe: dict, manager, data_form: str | None = None) -> list[t
     if refused:
         raise FtkError(refused)
     return out
+
+
+def _located(path: str, message: str, options_schema: dict) -> str:
+    """A metric factory's error line that starts with one of its options' paths (``tasks[1]: ...``) names
+    where that is in the recipe (``evaluation.metrics[0].tasks[1]: ...``); any other line is left as written."""
+    m = re.match(r"([A-Za-z_][\w-]*)((?:\[\d+\]|\.[A-Za-z_][\w-]*)*): ", message)
+    if m and m.group(1) in (options_schema.get("properties") or {}):
+        return f"{path}.{message}"
+    return message
 
 
 class _AttributedMetric:
@@ -508,10 +559,12 @@ def _eval_batch_size(recipe: dict) -> int:
 
 
 def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen: dict,
-                pair_logps: dict | None = None) -> tuple[dict, list[str]]:
+                pair_logps: dict | None = None, context: MetricContext | None = None) -> tuple[dict, list[str]]:
     """One model's metrics: loss metrics over ``dataloader``, text metrics over generated answers, pair metrics
     over ``pair_logps`` (the keyword arguments of a "pairs" metric's ``compute``: this model's log-probabilities
-    of each validation pair's responses and the reference's, see :func:`evaluate_model`)."""
+    of each validation pair's responses and the reference's, see :func:`evaluate_model`), model metrics over the
+    model itself, with ``context`` (None: one with ``scoring=None`` and the defaults' batch size and seed), in
+    eval mode without grad, the caller's random states kept."""
     result: dict[str, float] = {}
     owners: dict[str, str] = {}
 
@@ -536,6 +589,11 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
                            f"(data.validation_size > 0), and it has none")
         compute("pairs", **pair_logps)
         result["eval_pairs"] = len(pair_logps["chosen_logps"])
+    if any(m.requires == "model" for _, m in metrics):
+        if context is None:
+            context = metric_context({}, None)
+        with _eval_mode(model), _random_state_kept(_device(model)):
+            compute("model", model=model, tokenizer=tokenizer, context=context)
     preds: list[str] = []
     if any(m.requires == "text" for _, m in metrics):
         if not prompts:
@@ -545,6 +603,12 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
         compute("text", predictions=preds, references=references)
     result["eval_samples"] = len(prompts)
     return result, preds
+
+
+def metric_context(recipe: dict, scoring: str | None) -> MetricContext:
+    """What a "model" metric gets beside the model: which model it scores and the recipe's settings."""
+    return MetricContext(scoring=scoring, recipe=recipe, batch_size=_eval_batch_size(recipe),
+                         seed=section(recipe, "training")["seed"])
 
 
 def _pair_inputs(policy, reference) -> dict | None:
@@ -588,17 +652,17 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
         with model.disable_adapter():  # same weights in memory, adapter bypassed: no second load
             base = logps()
         out["finetuned"], preds_ft = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
-                                                 _pair_inputs(policy, base))
+                                                 _pair_inputs(policy, base), metric_context(recipe, "finetuned"))
         if compare_base:
             log.info("evaluating the base model (adapter disabled)")
             with model.disable_adapter():
                 out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
-                                                      _pair_inputs(base, base))
+                                                      _pair_inputs(base, base), metric_context(recipe, "base"))
     else:
         log.info("evaluating the base model (no adapter)")
         base = logps()
         out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
-                                              _pair_inputs(base, base))
+                                              _pair_inputs(base, base), metric_context(recipe, "base"))
     out["samples"] = [
         {"prompt": p, "reference": r,
          "finetuned": preds_ft[i] if preds_ft else None,
@@ -628,4 +692,5 @@ def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir,
 
 
 __all__ = ["PerplexityEvaluator", "QualitativeEvaluator", "PreferenceEvaluator", "evaluate_run", "evaluate_model",
-           "build_metrics", "check_metrics", "metric_directions", "score_model", "generation_settings"]
+           "build_metrics", "check_metrics", "metric_directions", "score_model", "generation_settings",
+           "metric_context"]

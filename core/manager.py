@@ -535,9 +535,10 @@ def _check_info(kind: str, name: str, info) -> None:
     if not isinstance(info, MetricInfo):
         raise TypeError(f"register({name!r}): info must be a ftk.components.MetricInfo, got {type(info).__name__}")
     hib = info.higher_is_better
-    if not (hib is None or isinstance(hib, bool)
+    if not (hib is None or isinstance(hib, bool) or callable(hib)
             or (isinstance(hib, dict) and all(isinstance(v, bool) for v in hib.values()))):
-        raise TypeError(f"register({name!r}): MetricInfo.higher_is_better must be a bool or {{key: bool}}")
+        raise TypeError(f"register({name!r}): MetricInfo.higher_is_better must be a bool, {{key: bool}} or "
+                        f"fn(options)")
     if not (info.keys is None or callable(info.keys)):
         info.keys_for({})  # a fixed list is checked now; a callable when a recipe gives its options
 

@@ -291,22 +291,32 @@ def _looks_local(value: str, base: Path) -> bool:
     return value.startswith((".", "/", "~")) or (base / value).exists()
 
 
+def _resolved(val: Any, sub: dict, base: Path) -> Any:
+    """``val`` made absolute when ``sub`` (its schema) says it is a path, else as it is."""
+    fmt = sub.get("format")
+    if isinstance(val, str) and val and fmt in ("path", "path-or-hub-id"):
+        if fmt == "path" or _looks_local(val, base):
+            return str((base / os.path.expanduser(val)).resolve())
+    return val
+
+
 def resolve_paths(instance: Any, schema: dict, base: Path) -> Any:
-    """Make every path-typed value absolute (``format: path`` or ``path-or-hub-id``)."""
+    """Make every path-typed value absolute (``format: path`` or ``path-or-hub-id``), a list's items too."""
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
             if key not in instance:
                 continue
             val = instance[key]
-            fmt = sub.get("format")
-            if isinstance(val, str) and val and fmt in ("path", "path-or-hub-id"):
-                if fmt == "path" or _looks_local(val, base):
-                    instance[key] = str((base / os.path.expanduser(val)).resolve())
-            elif isinstance(val, (dict, list)):
+            if isinstance(val, (dict, list)):
                 resolve_paths(val, sub, base)
+            else:
+                instance[key] = _resolved(val, sub, base)
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
-        for item in instance:
-            resolve_paths(item, schema["items"], base)
+        for i, item in enumerate(instance):
+            if isinstance(item, (dict, list)):
+                resolve_paths(item, schema["items"], base)
+            else:
+                instance[i] = _resolved(item, schema["items"], base)
     return instance
 
 
@@ -314,18 +324,26 @@ def missing_paths(instance: Any, schema: dict, prefix: tuple = ()) -> list[str]:
     """Local paths that must exist but do not: ``path-or-hub-id`` values that were resolved as local,
     and ``path`` values whose schema says ``"x-must-exist": true``."""
     out: list[str] = []
+
+    def check(val: str, sub: dict, where: tuple) -> None:
+        fmt = sub.get("format")
+        if fmt == "path-or-hub-id" or (fmt == "path" and sub.get("x-must-exist")):
+            if os.path.isabs(val) and not os.path.exists(val):
+                out.append(f"{json_path(list(where))}: {val} does not exist")
+
     if isinstance(instance, dict):
         for key, sub in schema.get("properties", {}).items():
             val = instance.get(key)
-            fmt = sub.get("format")
-            if isinstance(val, str) and (fmt == "path-or-hub-id" or (fmt == "path" and sub.get("x-must-exist"))):
-                if os.path.isabs(val) and not os.path.exists(val):
-                    out.append(f"{json_path(list(prefix) + [key])}: {val} does not exist")
+            if isinstance(val, str):
+                check(val, sub, prefix + (key,))
             elif isinstance(val, (dict, list)):
                 out.extend(missing_paths(val, sub, prefix + (key,)))
     elif isinstance(instance, list) and isinstance(schema.get("items"), dict):
         for i, item in enumerate(instance):
-            out.extend(missing_paths(item, schema["items"], prefix + (i,)))
+            if isinstance(item, str):
+                check(item, schema["items"], prefix + (i,))
+            else:
+                out.extend(missing_paths(item, schema["items"], prefix + (i,)))
     return out
 
 

@@ -153,7 +153,7 @@ def test_other_declaration_errors(mgr):
     # "pairs" is an input ftk supplies (whether this run's data can is build_metrics' check, by the trainer)
     assert check_metrics(recipe, mgr) == [
         "evaluation.metrics[0]: metric 'imagewise' (plugin declared) requires 'images', which this ftk cannot supply "
-        "(it supplies text, loss, pairs)",
+        "(it supplies text, loss, pairs, model)",
         "evaluation.metrics[1]: metric 'edit_distance' declares 'eval_tokens', a key ftk itself reports"]
 
 
