@@ -11,6 +11,7 @@ import contextlib
 import logging
 import math
 import re
+import time
 from pathlib import Path
 from typing import Any, Iterable
 
@@ -559,19 +560,25 @@ def _eval_batch_size(recipe: dict) -> int:
 
 
 def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen: dict,
-                pair_logps: dict | None = None, context: MetricContext | None = None) -> tuple[dict, list[str]]:
+                pair_logps: dict | None = None, context: MetricContext | None = None,
+                seconds: dict | None = None) -> tuple[dict, list[str]]:
     """One model's metrics: loss metrics over ``dataloader``, text metrics over generated answers, pair metrics
     over ``pair_logps`` (the keyword arguments of a "pairs" metric's ``compute``: this model's log-probabilities
     of each validation pair's responses and the reference's, see :func:`evaluate_model`), model metrics over the
     model itself, with ``context`` (None: one with ``scoring=None`` and the defaults' batch size and seed), in
-    eval mode without grad, the caller's random states kept."""
+    eval mode without grad, the caller's random states kept. ``seconds``: a dict that gets the wall time of
+    each part (``loss``: the validation NLL, ``generation``, ``model``: the model metrics, ``metrics``: the
+    metrics' own computing)."""
     result: dict[str, float] = {}
+    seconds = {} if seconds is None else seconds
+    clock = _Clock(seconds)
     owners: dict[str, str] = {}
 
     def compute(requires: str, **inputs) -> None:
         for i, (name, m) in enumerate(metrics):
             if m.requires == requires:
-                _merge(result, name, m.compute(**inputs), owners, i, _declared(m))
+                with clock("model" if requires == "model" else "metrics"):
+                    _merge(result, name, m.compute(**inputs), owners, i, _declared(m))
 
     def names(requires: str) -> str:
         return ", ".join(dict.fromkeys(n for n, m in metrics if m.requires == requires))
@@ -580,7 +587,8 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
         if dataloader is None:
             raise FtkError(f"evaluation: {names('loss')} need(s) the loss over a validation split "
                            f"(data.validation_size > 0)")
-        nll, count = PerplexityEvaluator(model, tokenizer).compute_nll(dataloader)
+        with clock("loss"):
+            nll, count = PerplexityEvaluator(model, tokenizer).compute_nll(dataloader)
         compute("loss", nll_sum=nll, token_count=count)
         result["eval_tokens"] = count
     if any(m.requires == "pairs" for _, m in metrics):
@@ -599,10 +607,26 @@ def score_model(model, tokenizer, metrics, dataloader, prompts, references, gen:
         if not prompts:
             raise FtkError("evaluation: the generation metrics need (prompt, reference) pairs from the "
                            "validation split, and it has none")
-        preds = QualitativeEvaluator(model, tokenizer).generate(prompts, **_gen_call_kwargs(gen))
+        with clock("generation"):
+            preds = QualitativeEvaluator(model, tokenizer).generate(prompts, **_gen_call_kwargs(gen))
         compute("text", predictions=preds, references=references)
     result["eval_samples"] = len(prompts)
     return result, preds
+
+
+class _Clock:
+    """``with clock(part):`` adds the block's wall time to ``seconds[part]`` (rounded to ms)."""
+
+    def __init__(self, seconds: dict):
+        self.seconds = seconds
+
+    @contextlib.contextmanager
+    def __call__(self, part: str):
+        t = time.perf_counter()
+        try:
+            yield
+        finally:
+            self.seconds[part] = round(self.seconds.get(part, 0.0) + time.perf_counter() - t, 3)
 
 
 def metric_context(recipe: dict, scoring: str | None) -> MetricContext:
@@ -620,7 +644,8 @@ def _pair_inputs(policy, reference) -> dict | None:
             "ref_chosen_logps": list(reference[0]), "ref_rejected_logps": list(reference[1])}
 
 
-def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_base: bool | None = None) -> dict:
+def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_base: bool | None = None,
+                   seconds: dict | None = None) -> dict:
     """{"finetuned": {...}, "base": {...}, "samples": [...]} (only "base" for a model with no adapter).
 
     Metrics of preference pairs get, per validation pair, the summed log-probabilities of the chosen and the
@@ -646,23 +671,35 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
     out: dict[str, Any] = {}
     preds_ft: list[str] | None = None
     preds_base: list[str] | None = None
+    # ``seconds`` gets the wall time of each part per scored model ("pairs": the pairs' log-probabilities)
+    seconds = {} if seconds is None else seconds
+    seconds.update(finetuned={}, base={})
+    ft_clock, base_clock = _Clock(seconds["finetuned"]), _Clock(seconds["base"])
     if has_adapter:
         log.info("evaluating the fine-tuned model")
-        policy = logps()
-        with model.disable_adapter():  # same weights in memory, adapter bypassed: no second load
+        with ft_clock("pairs"):
+            policy = logps()
+        with model.disable_adapter(), base_clock("pairs"):  # same weights in memory, adapter bypassed: no second load
             base = logps()
         out["finetuned"], preds_ft = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
-                                                 _pair_inputs(policy, base), metric_context(recipe, "finetuned"))
+                                                 _pair_inputs(policy, base), metric_context(recipe, "finetuned"),
+                                                 seconds["finetuned"])
         if compare_base:
             log.info("evaluating the base model (adapter disabled)")
             with model.disable_adapter():
                 out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
-                                                      _pair_inputs(base, base), metric_context(recipe, "base"))
+                                                      _pair_inputs(base, base), metric_context(recipe, "base"),
+                                                      seconds["base"])
     else:
         log.info("evaluating the base model (no adapter)")
-        base = logps()
+        with base_clock("pairs"):
+            base = logps()
         out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
-                                              _pair_inputs(base, base), metric_context(recipe, "base"))
+                                              _pair_inputs(base, base), metric_context(recipe, "base"), seconds["base"])
+    for scored in ("finetuned", "base"):
+        seconds[scored] = {p: v for p, v in seconds[scored].items() if v or p != "pairs"}
+        if not seconds[scored]:
+            del seconds[scored]
     out["samples"] = [
         {"prompt": p, "reference": r,
          "finetuned": preds_ft[i] if preds_ft else None,
@@ -673,14 +710,14 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
 
 
 def evaluate_run(model, tokenizer, prepared, recipe: dict, manager, output_dir,
-                 compare_base: bool | None = None) -> dict:
+                 compare_base: bool | None = None, seconds: dict | None = None) -> dict:
     """What ``ftk run`` and ``ftk eval --out`` record. All generations go to OUTPUT_DIR/generations.jsonl
     (one line per prompt, so none replaces an older file too; nothing is written when ``output_dir`` is
     None); the returned ``samples`` keep the first ``evaluation.num_examples_in_report`` of them."""
     from ftk.io import atomic_write_text
     import json
 
-    out = evaluate_model(model, tokenizer, prepared, recipe, manager, compare_base=compare_base)
+    out = evaluate_model(model, tokenizer, prepared, recipe, manager, compare_base=compare_base, seconds=seconds)
     samples = out.get("samples") or []
     if output_dir is not None:
         atomic_write_text(Path(output_dir) / "generations.jsonl",

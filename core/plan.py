@@ -67,19 +67,6 @@ def _compute_bytes(recipe: dict, cuda: bool) -> int:
     return _DTYPE_BYTES.get(prec, 4)
 
 
-def _filled(recipe: dict, manager) -> dict:
-    """A copy of a (possibly partial) recipe with the defaults ``ftk.recipe`` fills: the base schema's and
-    the chosen quantizer's and adapter's own."""
-    from ftk.recipe import _component_schemas, base_schema, fill_defaults
-
-    out = copy.deepcopy(dict(recipe))
-    out.setdefault("data", {})  # required in a recipe; a partial one here still gets data.max_length's default
-    out = fill_defaults(out, base_schema())
-    for _, obj, merged in _component_schemas(out, manager):  # each component's defaults, as load_recipe fills them
-        fill_defaults(obj, merged)
-    return out
-
-
 def _hf_config(config):
     """A transformers config for the components' ModelContext (a plain dict is a LLaMA-shaped one)."""
     if not isinstance(config, dict):
@@ -162,7 +149,9 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         manager = get_manager()
     from ftk import distributed
 
-    recipe = _filled(recipe, manager)
+    from ftk.recipe import filled_recipe
+
+    recipe = filled_recipe(recipe, manager)
     d = _compute_bytes(recipe, cuda)
     sizes = declared_sizes(config, recipe, manager, d, cuda=cuda, processes=processes)
     dist = distributed.settings(recipe)

@@ -287,6 +287,17 @@ def fill_defaults(instance: Any, schema: dict) -> Any:
     return instance
 
 
+def filled_recipe(recipe: dict, manager) -> dict:
+    """A copy of a (possibly partial) recipe with the defaults ``load_recipe`` fills: the base schema's and
+    each chosen component's own (quantizer, adapter, trainer, ...)."""
+    out = copy.deepcopy(dict(recipe))
+    out.setdefault("data", {})  # required in a recipe; a partial one here still gets data.max_length's default
+    out = fill_defaults(out, base_schema())
+    for _, obj, merged in _component_schemas(out, manager):  # each component's defaults, as load_recipe fills them
+        fill_defaults(obj, merged)
+    return out
+
+
 def _looks_local(value: str, base: Path) -> bool:
     return value.startswith((".", "/", "~")) or (base / value).exists()
 

@@ -75,6 +75,17 @@ def _draw(ax, train, evals, what: str) -> None:
     ax.legend()
 
 
+def time_split(seconds) -> list[str]:
+    """The report's "Time" lines from metrics.json "seconds" (none when the run did not record it)."""
+    if not isinstance(seconds, dict) or not seconds:
+        return []
+    main = ", ".join(f"{k} {seconds[k]:.1f} s" for k in ("data", "model", "train", "evaluation") if k in seconds)
+    lines = ["## Time", "", f"- {main}"]
+    for scored, parts in (seconds.get("evaluation_parts") or {}).items():
+        lines.append(f"- evaluation of the {scored} model: " + ", ".join(f"{k} {v:.1f} s" for k, v in parts.items()))
+    return lines + [""]
+
+
 def plot_loss_curve(train, evals, path: Path, ylabel: str = "loss (mean token NLL, nats)") -> bool:
     """Write the PNG atomically; False when there is nothing to plot or matplotlib is missing."""
     plt = _pyplot() if train or evals else None
@@ -259,6 +270,7 @@ def write_report(output_dir, recipe: dict, metrics: dict, manager=None) -> Path:
     if isinstance(train, dict) and train:
         md += ["## Training", ""] + [f"- {k}: {_fmt(v)}" for k, v in train.items()
                                      if isinstance(v, (int, float, str, bool)) or v is None] + [""]
+    md += time_split((metrics or {}).get("seconds"))
     md += ["## Loss curve", ""]
     tr_pts, ev_pts = read_train_log(out / "train_log.jsonl")
     rewards = read_reward_log(out / "train_log.jsonl")  # only a preference trainer logs rewards

@@ -9,7 +9,8 @@ import errno
 import os
 import platform
 import sys
-from dataclasses import dataclass
+import time
+from dataclasses import dataclass, field
 from pathlib import Path
 
 from ftk.errors import FtkError, PluginFailure, RunError
@@ -100,6 +101,7 @@ class RunState:
     model_info: dict
     manifest: dict
     trainer: object = None  # the recipe's trainer as a ftk.components.TrainerPlan
+    seconds: dict = field(default_factory=dict)  # wall time of each phase, metrics.json "seconds"
 
 
 def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> RunState:
@@ -125,10 +127,14 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
     train_mod.resolve_resume(resume, str(out), recipe)
     trainer = train_mod.trainer_plan(recipe, manager, str(out))  # before any data: its data form is checked
     metrics_objs = eval_mod.build_metrics(recipe, manager)
+    t = time.perf_counter()
     tokenizer = model_mod.load_tokenizer(recipe)
     prepared = data_mod.prepare_data(recipe, tokenizer, manager, form=trainer.data)
     check_eval_data(prepared, metrics_objs)
+    seconds = {"data": round(time.perf_counter() - t, 3)}
+    t = time.perf_counter()
     model, model_info = model_mod.load_model(recipe, manager, tokenizer)
+    seconds["model"] = round(time.perf_counter() - t, 3)
     check_disk_space(out, model_info, recipe)
     if is_main_process():
         out.mkdir(parents=True, exist_ok=True)
@@ -142,17 +148,19 @@ def prepare_run(recipe: dict, manager, resume: str | None = None, overwrite: boo
         "data": {"fingerprint": prepared.fingerprint, "stats": prepared.stats},
         "model": model_info,
     }
-    return RunState(recipe, manager, out, tokenizer, prepared, model, model_info, manifest, trainer)
+    return RunState(recipe, manager, out, tokenizer, prepared, model, model_info, manifest, trainer, seconds)
 
 
 def train_run(state: RunState, resume: str | None = None) -> dict:
     from ftk import train as train_mod
 
+    t = time.perf_counter()
     try:
         with _disk_errors(state.out):
             metrics = train_mod.train(state.model, state.tokenizer, state.prepared, state.recipe, state.manager,
                                       str(state.out), resume=resume, plan=state.trainer)
         state.manifest["distributed"] = metrics.get("distributed")  # the strategy that ran, per-rank bytes
+        state.seconds["train"] = round(time.perf_counter() - t, 3)
         return metrics
     except (RunError, PluginFailure) as e:
         # the folder says why it has checkpoints and logs but no adapter or report
@@ -174,8 +182,13 @@ def finish_run(state: RunState, metrics: dict) -> dict:
     from ftk import report
 
     with _disk_errors(state.out):
+        t, parts = time.perf_counter(), {}
         metrics.update(eval_mod.evaluate_run(state.model, state.tokenizer, state.prepared, state.recipe,
-                                             state.manager, str(state.out)))
+                                             state.manager, str(state.out), seconds=parts))
+        # where the run's time went: data, model loading, training (its own evaluations included), and the
+        # final evaluation, split per scored model into loss / generation / metrics / model / pairs
+        metrics["seconds"] = {**state.seconds, "evaluation": round(time.perf_counter() - t, 3),
+                              "evaluation_parts": parts}
         atomic_write_json(state.out / "metrics.json", metrics)
         state.manifest.update(status="completed", finished=_dt.datetime.now(_dt.timezone.utc).isoformat())
         atomic_write_json(state.out / "manifest.json", redact(state.manifest))

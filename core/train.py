@@ -227,6 +227,11 @@ def trainer_plan(recipe: dict, manager, output_dir: str):
         from ftk.manager import get_manager
 
         manager = get_manager()
+    from ftk.recipe import filled_recipe
+
+    # a partial recipe (the API's, ftk plan's, a check before loading) gets what load_recipe fills: the factory
+    # always sees its options and the recipe whole, as the docs promise
+    recipe = filled_recipe(recipe, manager)
     sec = trainer_section(recipe)
     name = sec["method"]
     comp = manager.get("trainer", name)

@@ -451,3 +451,29 @@ def test_report_redacts_secret_looking_options(tmp_path):
               "adapter": {"method": "lora", "api_key": "SECRET2"}}
     text = write_report(tmp_path, recipe, {}).read_text()
     assert "SECRET" not in text and '"hub_token": "***"' in text
+
+
+def test_metrics_json_says_where_the_time_went(tmp_path, fresh_manager):
+    """metrics.json "seconds": data, model, train, evaluation, and per scored model the evaluation's parts
+    (validation loss, generation, the metrics' own computing); the report shows them."""
+    from conftest import ALPACA
+
+    from ftk.recipe import load_recipe
+    from ftk.run import run_recipe
+    from ftk.testing import tiny_recipe
+
+    raw = tiny_recipe(MODEL_DIR, [{"loader": "alpaca", "path": str(ALPACA), "max_examples": 24}],
+                      metrics=["perplexity", "bleu"], output_dir=tmp_path / "run",
+                      evaluation={"compare_base": True})
+    run_recipe(load_recipe(data=raw, manager=fresh_manager), manager=fresh_manager)
+    m = json.loads((tmp_path / "run" / "metrics.json").read_text())
+    sec = m["seconds"]
+    assert {"data", "model", "train", "evaluation"} <= set(sec) and all(sec[k] > 0 for k in ("model", "train"))
+    parts = sec["evaluation_parts"]
+    assert set(parts) == {"finetuned", "base"}
+    for scored in parts.values():
+        assert set(scored) == {"loss", "generation", "metrics"} and scored["generation"] > 0
+    assert sum(sum(p.values()) for p in parts.values()) <= sec["evaluation"]
+    assert "seconds" not in m["finetuned"] and "seconds" not in m["base"]
+    report = (tmp_path / "run" / "report.md").read_text()
+    assert "## Time" in report and "evaluation of the base model: loss" in report

@@ -92,7 +92,7 @@ def test_sft_is_a_builtin_trainer_and_the_default(fresh_manager, tmp_path):
     assert rec.package == "ftk" and rec.module == "ftk.plugins.trainer_sft"
     assert fresh_manager.plugin_list() and rec.provides == ["trainer:sft"]
     r = load_recipe(data=raw_recipe(tmp_path / "out"), manager=fresh_manager)
-    assert r["trainer"] == {"method": "sft"}  # a recipe without the section keeps working
+    assert r["trainer"] == {"method": "sft", "chunked_loss": "auto", "chunk_tokens": 1024}  # its defaults filled
     schema = composed_schema(fresh_manager)
     assert "sft" in schema["properties"]["trainer"]["properties"]["method"]["enum"]
 
