@@ -109,9 +109,11 @@ def setup_trl(model_dir: Path, rows: list[dict], heldout: list[dict]) -> dict:
             **common.after_training(tr.model, tok, heldout)}
 
 
-def ftk_recipe(model_dir: Path, data_file: Path, out: Path, **training) -> dict:
+def ftk_recipe(model_dir: Path, data_file: Path, out: Path, model: dict | None = None, trainer: dict | None = None,
+               **training) -> dict:
     return {
-        "model": {"name": str(model_dir), "quantization": {"method": "nf4", "nested": True}},
+        "model": {"name": str(model_dir), "quantization": {"method": "nf4", "nested": True}, **(model or {})},
+        "trainer": {"method": "sft", **(trainer or {})},
         "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
         "data": {"datasets": [{"loader": "alpaca", "path": str(data_file)}], "validation_size": 0,
                  "max_length": MAXLEN, "train_on_inputs": True, "cache": False},
@@ -122,7 +124,8 @@ def ftk_recipe(model_dir: Path, data_file: Path, out: Path, **training) -> dict:
     }
 
 
-def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], **training) -> dict:
+def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], model: dict | None = None,
+              trainer: dict | None = None, **training) -> dict:
     """ftk's default path (packing, precision auto, its collator and Trainer set-up), via its public API."""
     from ftk import data as data_mod
     from ftk import model as model_mod
@@ -134,7 +137,7 @@ def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], **training
         f = Path(tmp) / "alpaca.json"
         f.write_text(json.dumps(rows))
         mgr = get_manager()
-        recipe = load_recipe(data=ftk_recipe(model_dir, f, Path(tmp) / "run", **training), manager=mgr)
+        recipe = load_recipe(data=ftk_recipe(model_dir, f, Path(tmp) / "run", model, trainer, **training), manager=mgr)
         tok = model_mod.load_tokenizer(recipe)
         prepared = data_mod.prepare_data(recipe, tok, mgr)
         useful = sum(sum(1 for _ in row["input_ids"]) for row in prepared.train)
@@ -149,7 +152,10 @@ def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], **training
 
 SETUPS = {"baseline": setup_baseline, "trl": setup_trl, "ftk": setup_ftk,
           # a lever measured on its own: torch.compile of the decoder layers (compile time included)
-          "ftk-compile": functools.partial(setup_ftk, compile=True)}
+          "ftk-compile": functools.partial(setup_ftk, compile=True),
+          # ftk's default with one lever turned back, to measure that lever alone
+          "ftk-eager": functools.partial(setup_ftk, model={"attn_implementation": "eager"}),
+          "ftk-plainloss": functools.partial(setup_ftk, trainer={"chunked_loss": False})}
 
 
 def main() -> None:
@@ -158,6 +164,9 @@ def main() -> None:
     ap.add_argument("--setups", default="baseline,trl,ftk")
     ap.add_argument("--setup", help=argparse.SUPPRESS)
     ap.add_argument("--model-dir", default=None, help=argparse.SUPPRESS)
+    ap.add_argument("--rounds", type=int, default=1,
+                    help="run the setups this many times, in turn; each setup's fastest round is reported (the "
+                         "closest to its undisturbed speed on a machine something else may share)")
     ap.add_argument("--out", default=None, help="also write the results as JSON here")
     a = ap.parse_args()
     if a.setup:  # child process: one setup
@@ -166,8 +175,13 @@ def main() -> None:
         return
     with tempfile.TemporaryDirectory() as tmp:
         model_dir = common.make_model_dir(Path(tmp) / "model")
-        results = [common.run_setup(Path(__file__), s, ["--rows", str(a.rows), "--model-dir", str(model_dir)])
-                   for s in a.setups.split(",")]
+        rounds = [[common.run_setup(Path(__file__), s, ["--rows", str(a.rows), "--model-dir", str(model_dir)])
+                   for s in a.setups.split(",")] for _ in range(a.rounds)]
+    results = [min(runs, key=lambda r: r.get("seconds", float("inf"))) for runs in zip(*rounds)]
+    if a.rounds > 1:
+        for runs in zip(*rounds):
+            print(f"{runs[0]['setup']}: seconds per round " + ", ".join(
+                f"{r['seconds']:.1f}" if "seconds" in r else "error" for r in runs))
     flops_tok = common.train_flops_per_token(common.BENCH_CONFIG)
     import torch
 

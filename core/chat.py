@@ -22,11 +22,9 @@ from dataclasses import dataclass, field
 from typing import Any, Callable, Iterable
 
 from ftk.errors import FtkError
+from ftk.tokens import prompt_token_ids as prompt_ids
 
 SAMPLE = 200  # examples of a dataset entry read to tell its format
-# A reply's start, for where the prompt's tokens end: with LLaMA's tokenizer (and byte-level BPE) the space
-# before a reply's first word is part of that word's token, so the prompt ends before the space.
-PROBE = "the"
 # contents of the conversation rendered to learn ftk's own format and a chat template's turn end
 _MARKS = ("@0@", "@1@", "@2@", "@3@", "@4@")
 
@@ -199,23 +197,6 @@ def run_format(recipe: dict, manager, tokenizer, dataset: int | None = None) -> 
 
 
 # -- prompt token ids ----------------------------------------------------------------------------------
-def prompt_ids(tokenizer, text: str) -> tuple[list[int], str]:
-    """(the ids the data pipeline gives ``text`` before a reply's tokens start, the end of ``text`` those ids
-    leave out: the space that is tokenized with the reply's first word, or "")."""
-    from ftk.tokens import adds_bos, fast_backend
-
-    backend, specials = fast_backend(tokenizer)
-    enc = backend.encode(text + PROBE, add_special_tokens=False)
-    n = 0
-    while n < len(enc.ids) and enc.offsets[n][1] <= len(text):
-        n += 1
-    end = enc.offsets[n - 1][1] if n else 0
-    ids = ([specials[0]] if adds_bos(text, specials) else []) + enc.ids[:n]
-    if not ids:
-        raise FtkError("chat: the prompt tokenizes to nothing")
-    return ids, text[end:]
-
-
 def single_token(tokenizer, text: str) -> int | None:
     """The id of ``text`` when it is one token (a chat template's end-of-turn marker, say), else None."""
     ids = tokenizer.encode(text, add_special_tokens=False)

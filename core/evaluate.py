@@ -188,7 +188,15 @@ class QualitativeEvaluator:
         return out
 
     def _prompt_ids(self, prompt: str, limit: int | None, max_new: int) -> list[int]:
-        ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
+        ids = None
+        if prompt[-1:].isspace() and getattr(self.tokenizer, "backend_tokenizer", None) is not None:
+            # "...Assistant: " is trained as [..., ":", "▁Hello"]: the space goes with the reply's first word, so
+            # the prompt's ids end before it, as training saw them, not with a lone "▁" training never produced
+            from ftk.tokens import prompt_token_ids
+
+            ids = prompt_token_ids(self.tokenizer, prompt)[0]
+        if ids is None:
+            ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if limit and len(ids) + max_new > limit:
             # keep the end (where the prompt asks for the response) and the BOS token
             keep = limit - max_new

@@ -301,6 +301,7 @@ def load_model(recipe: dict, manager, tokenizer):
         "quantization": {"method": qmethod, "quantized_layers": quantized, "notes": notes},
         "adapter": amethod,
         "gradient_checkpointing": gc,
+        "attention": str(getattr(model.config, "_attn_implementation", None) or m["attn_implementation"]),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),
     }

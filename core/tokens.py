@@ -14,7 +14,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from ftk.components import Example, Segment
-from ftk.errors import DataError
+from ftk.errors import DataError, FtkError
 
 IGNORE = -100  # torch cross_entropy's ignore_index: no loss on a position with this label
 
@@ -147,6 +147,26 @@ def adds_bos(text: str, specials: tuple) -> bool:
 def adds_eos(text: str, specials: tuple) -> bool:
     """Whether ftk appends EOS after ``text``: unless the text (a chat template's) already ends with it."""
     return not text.rstrip().endswith(specials[3])
+
+
+# A reply's start, for where a prompt's tokens end: with LLaMA's tokenizer (and byte-level BPE) the space
+# before a reply's first word is part of that word's token, so the prompt ends before the space.
+REPLY_PROBE = "the"
+
+
+def prompt_token_ids(tokenizer, text: str) -> tuple[list[int], str]:
+    """(the ids the data pipeline gives ``text`` before a reply's tokens start, the end of ``text`` those ids
+    leave out: the space that is tokenized with the reply's first word, or "")."""
+    backend, specials = fast_backend(tokenizer)
+    enc = backend.encode(text + REPLY_PROBE, add_special_tokens=False)
+    n = 0
+    while n < len(enc.ids) and enc.offsets[n][1] <= len(text):
+        n += 1
+    end = enc.offsets[n - 1][1] if n else 0
+    ids = ([specials[0]] if adds_bos(text, specials) else []) + enc.ids[:n]
+    if not ids:
+        raise FtkError(f"the prompt {text[:40]!r} tokenizes to nothing")
+    return ids, text[end:]
 
 
 def tokenize_examples(examples: list[Example], tokenizer, train_on_inputs: bool = False,

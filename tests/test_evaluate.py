@@ -477,3 +477,26 @@ def test_metrics_json_says_where_the_time_went(tmp_path, fresh_manager):
     assert "seconds" not in m["finetuned"] and "seconds" not in m["base"]
     report = (tmp_path / "run" / "report.md").read_text()
     assert "## Time" in report and "evaluation of the base model: loss" in report
+
+
+def test_generation_prompts_end_where_training_put_the_reply(tok, fresh_manager):
+    """A DailyDialog prompt ends in "Assistant: "; training tokenized that space with the reply's first word,
+    so the generation prompt's ids are the training ids up to the reply, not a lone space token."""
+    from conftest import DAILYDIALOG
+
+    from ftk import data as D
+    from ftk.recipe import load_recipe
+
+    r = load_recipe(data={"model": {"name": str(MODEL_DIR)}, "data": {
+        "datasets": [{"loader": "dailydialog", "path": str(DAILYDIALOG), "max_examples": 30}],
+        "validation_size": 8, "cache": False}}, manager=fresh_manager)
+    pairs = D.prepare_data(r, tok, fresh_manager).eval_pairs
+    ev = QualitativeEvaluator(None, tok)
+    spaced = [(p, ref) for p, ref in pairs if p.endswith(" ")]
+    assert spaced
+    for prompt, ref in spaced:
+        ids = ev._prompt_ids(prompt, None, 8)
+        trained = tok(prompt + ref)["input_ids"]
+        assert trained[:len(ids)] == ids, prompt[-30:]
+        assert tok.convert_ids_to_tokens(trained[len(ids)]).startswith("▁")  # the reply's first word, its space
+        assert tok(prompt)["input_ids"] != ids  # what was used before: ends with the lone space token
