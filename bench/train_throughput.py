@@ -195,11 +195,13 @@ def main() -> None:
     print(f"rows: {a.rows}; matmul peak fp32 {peaks['fp32'] / 1e9:.0f} GFLOP/s, bf16 {peaks['bf16'] / 1e9:.0f} GFLOP/s")
     print(f"{'setup':<9} {'useful tok/s':>12} {'vs base':>8} {'vs trl':>7} {'peak RSS':>9} {'final loss':>10} "
           f"{'steps':>5} {'prec':>5} {'MFU':>6} {'held-out':>8} {'B moved':>7}")
+    for r in results:  # every rate first: each row's ratios need the baseline's and TRL's
+        if "error" not in r:
+            r["tokens_per_s"] = r["useful_tokens"] / r["seconds"]
     for r in results:
         if "error" in r:
             print(f"{r['setup']:<9} ERROR {r['error'][-500:]}")
             continue
-        r["tokens_per_s"] = r["useful_tokens"] / r["seconds"]
         r["mfu"] = r["tokens_per_s"] * flops_tok / peaks.get(r.get("precision") or "fp32", peaks["fp32"])
         vb = r["tokens_per_s"] / by["baseline"]["tokens_per_s"] if "tokens_per_s" in by.get("baseline", {}) else float("nan")
         vt = r["tokens_per_s"] / by["trl"]["tokens_per_s"] if "tokens_per_s" in by.get("trl", {}) else float("nan")
