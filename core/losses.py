@@ -12,8 +12,6 @@ It equals transformers' ``ForCausalLMLoss`` (labels shifted left, ``-100`` ignor
 """
 from __future__ import annotations
 
-import contextlib
-
 IGNORE_INDEX = -100
 
 
@@ -27,7 +25,7 @@ def shift_labels(labels):
 def _chunk_sum(head, hidden, targets):
     import torch.nn.functional as F
 
-    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")
+    return F.cross_entropy(head(hidden).float(), targets, reduction="sum")  # head: the layer or its forward
 
 
 def chunked_causal_lm_loss(hidden, head, labels, *, chunk_tokens: int = 1024, num_items_in_batch=None,
@@ -53,50 +51,51 @@ def chunked_causal_lm_loss(hidden, head, labels, *, chunk_tokens: int = 1024, nu
     return total / targets.numel() if targets.numel() else total * float("nan")
 
 
-class _Capture:
-    """Stands in for a model's output layer during one forward: keeps the hidden states, returns no logits."""
+class _ChunkedHead:
+    """Stands in for a model's output layer during one forward: computes the chunked loss from the hidden
+    states it is given, where the real layer would have run (so under the forward's autocast, and inside
+    a wrapper's forward), and returns no logits. Each chunk calls the real layer's forward."""
 
-    def __init__(self):
-        self.hidden = None
+    def __init__(self, forward, labels, shifted, chunk_tokens, num_items_in_batch):
+        self.forward, self.labels, self.shifted = forward, labels, shifted
+        self.chunk_tokens, self.num_items_in_batch, self.loss = chunk_tokens, num_items_in_batch, None
 
     def __call__(self, hidden):
-        self.hidden = hidden
+        self.loss = chunked_causal_lm_loss(hidden, self.forward, self.labels, chunk_tokens=self.chunk_tokens,
+                                           num_items_in_batch=self.num_items_in_batch, shifted=self.shifted)
         return hidden[..., :0]
 
 
-@contextlib.contextmanager
-def output_layer_bypassed(model):
-    """Inside, ``model(...)`` returns empty logits and the output layer's input is at ``.hidden`` of the
-    yielded object; the real output layer (``get_output_embeddings()``) is yielded as ``.head``."""
+def output_layer(model):
+    """The output layer (``get_output_embeddings()``) of ``model`` or of the model a DDP/accelerate wrapper holds."""
     inner = model
     while hasattr(inner, "module"):  # DDP / accelerate wrappers
         inner = inner.module
     head = inner.get_output_embeddings()
     if head is None:
         raise ValueError(f"{type(inner).__name__} has no output layer (get_output_embeddings() is None)")
-    cap = _Capture()
-    cap.head = head
-    head.forward = cap  # an instance attribute: the module, its parameters and its hooks stay
-    try:
-        yield cap
-    finally:
-        del head.forward
+    return head
 
 
 def causal_lm_loss_chunked(trainer, model, inputs, return_outputs=False, num_items_in_batch=None,
                            chunk_tokens: int = 1024):
-    """A ``TrainerPlan.compute_loss``: the model's forward with the output layer bypassed, then
+    """A ``TrainerPlan.compute_loss``: the model's forward with its output layer replaced for that call by
     :func:`chunked_causal_lm_loss`; scaled as ``transformers.Trainer.compute_loss`` scales its loss."""
     if not getattr(trainer, "model_accepts_loss_kwargs", True):
         num_items_in_batch = None  # the Trainer then averages per batch and divides by accumulation itself
     inputs = dict(inputs)
     labels = inputs.pop("labels")
     shifted = inputs.pop("shift_labels", None)
-    with output_layer_bypassed(model) as cap:
+    head = output_layer(model)
+    chunked = _ChunkedHead(head.forward, labels, shifted, chunk_tokens, num_items_in_batch)
+    head.forward = chunked  # an instance attribute for this call: the module, its parameters and hooks stay
+    try:
         outputs = model(**inputs)
-        hidden = cap.hidden
-    loss = chunked_causal_lm_loss(hidden, cap.head, labels, chunk_tokens=chunk_tokens,
-                                  num_items_in_batch=num_items_in_batch, shifted=shifted)
+    finally:
+        del head.forward
+    loss = chunked.loss
+    if loss is None:
+        raise RuntimeError(f"the model's forward did not call its output layer {type(head).__name__}")
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * trainer.accelerator.num_processes
     if return_outputs:

@@ -93,6 +93,29 @@ def test_a_lora_adapted_output_layer_gets_the_same_gradients():
         assert torch.allclose(g_plain[n], g_chunk[n], atol=1e-5, rtol=1e-4), n
 
 
+def test_under_the_forwards_autocast_with_a_trained_fp32_head():
+    """bf16 autocast wraps the model's forward only (as accelerate does on the CPU); a head trained in full
+    (modules_to_save, fp32) must still be called under it, as in the model's own forward."""
+    from peft import LoraConfig, get_peft_model
+    from transformers import AutoModelForCausalLM
+
+    model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.bfloat16)
+    torch.manual_seed(0)
+    model = get_peft_model(model, LoraConfig(r=4, target_modules=["q_proj", "v_proj"], modules_to_save=["lm_head"]))
+    for p in model.parameters():
+        if p.requires_grad:
+            p.data = p.data.float()
+    model.train()
+    forward = model.forward
+    model.forward = lambda *a, **k: torch.autocast("cpu", dtype=torch.bfloat16)(forward)(*a, **k)
+    batch = _batch(True)
+    plain, g_plain = _loss_and_grads(model, batch, False)
+    chunk, g_chunk = _loss_and_grads(model, batch, True)
+    assert torch.allclose(plain, chunk, atol=1e-3), (plain, chunk)
+    assert any("lm_head" in n for n in g_chunk) and all(
+        torch.allclose(g_plain[n], g_chunk[n], atol=1e-3, rtol=2e-2) for n in g_plain)
+
+
 def test_4bit_and_bf16_models():
     batch = _batch(True)
     model = _lora_model(quantized=True)
