@@ -201,7 +201,9 @@ def test_plan_counts_both_responses_and_the_reference_pass():
     est = {}
     for method in ("sft", "dpo", "orpo", "kto"):
         recipe = {"model": {"quantization": {"method": "nf4"}, "gradient_checkpointing": True},
-                  "trainer": {"method": method}, "data": {"max_length": 512},
+                  # sft with transformers' whole-batch loss, as the preference trainers compute theirs
+                  "trainer": {"method": method, **({"chunked_loss": False} if method == "sft" else {})},
+                  "data": {"max_length": 512},
                   "training": {"batch_size": 4, "precision": "bf16"}}
         est[method] = estimate_memory(llama_7b, recipe, cuda=True, manager=mgr)
     b = {m: e["bytes"] for m, e in est.items()}
