@@ -16,6 +16,32 @@ from typing import Any, Callable, Iterable, Protocol
 KINDS = ("dataset", "quantizer", "adapter", "metric", "trainer", "callback", "exporter")
 
 
+
+def needs_package(module: str, versions: str, install: str) -> str | None:
+    """For ``register(..., unavailable=...)``: why the optional package ``module`` cannot serve a component
+    here, or None when it can: ``"needs MODULE: INSTALL"`` when it is not installed, ``"needs
+    MODULE<versions> (found X): INSTALL"`` when its version is outside ``versions`` (a PEP 440 specifier,
+    e.g. ``">=1.16,<1.17"``). Reads package metadata only, never imports the package, so ``ftk plugins
+    list`` stays instant (since 0.1.0)."""
+    import importlib.metadata as md
+    import importlib.util
+
+    try:
+        found = importlib.util.find_spec(module) is not None
+    except (ImportError, ValueError):
+        found = False
+    if not found:
+        return f"needs {module}: {install}"
+    from packaging.specifiers import SpecifierSet
+
+    try:
+        have = md.version(module)
+    except md.PackageNotFoundError:
+        return None  # importable without metadata (a source checkout): trusted
+    if not SpecifierSet(versions).contains(have, prereleases=True):
+        return f"needs {module}{versions} (found {have}): {install}"
+    return None
+
 @dataclass
 class Segment:
     text: str

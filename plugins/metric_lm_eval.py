@@ -15,11 +15,10 @@ from __future__ import annotations
 import copy
 import difflib
 import functools
-import importlib.util
 import logging
 import os
 
-from ftk.components import MetricInfo
+from ftk.components import MetricInfo, needs_package
 from ftk.errors import FtkError
 from ftk.hookspecs import hookimpl
 
@@ -69,25 +68,8 @@ SCHEMA = {
 
 
 def lm_eval_unavailable() -> str | None:
-    """Why lm-eval cannot serve this metric here (None: it can). Reads no more than package metadata, so
-    ``ftk plugins list`` stays instant."""
-    try:
-        found = importlib.util.find_spec("lm_eval") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return f"needs lm_eval: {INSTALL}"
-    import importlib.metadata as md
-
-    from packaging.specifiers import SpecifierSet
-
-    try:
-        have = md.version("lm_eval")
-    except md.PackageNotFoundError:
-        return None  # importable without metadata (a source checkout): trusted
-    if not SpecifierSet(LM_EVAL_VERSIONS).contains(have, prereleases=True):
-        return f"needs lm_eval{LM_EVAL_VERSIONS} (found {have}): {INSTALL}"
-    return None
+    """Why lm_eval cannot serve here (None: it can); package metadata only."""
+    return needs_package("lm_eval", LM_EVAL_VERSIONS, INSTALL)
 
 
 def _metrics(options: dict) -> list[str]:

@@ -35,9 +35,8 @@ from __future__ import annotations
 
 import contextlib
 import functools
-import importlib.util
 
-from ftk.components import TrainerPlan
+from ftk.components import TrainerPlan, needs_package
 from ftk.errors import FtkError
 from ftk.hookspecs import hookimpl
 
@@ -90,25 +89,8 @@ _CONFIGS = {"dpo": "trl.trainer.dpo_config", "orpo": "trl.experimental.orpo.orpo
 
 
 def trl_unavailable() -> str | None:
-    """Why TRL cannot serve these trainers here (None: it can). Reads no more than package metadata, so
-    ``ftk plugins list`` stays instant."""
-    try:
-        found = importlib.util.find_spec("trl") is not None
-    except (ImportError, ValueError):
-        found = False
-    if not found:
-        return f"needs trl: {INSTALL}"
-    import importlib.metadata as md
-
-    from packaging.specifiers import SpecifierSet
-
-    try:
-        have = md.version("trl")
-    except md.PackageNotFoundError:
-        return None  # importable without metadata (a source checkout): trusted
-    if not SpecifierSet(TRL_VERSIONS).contains(have, prereleases=True):
-        return f"needs trl{TRL_VERSIONS} (found {have}): {INSTALL}"
-    return None
+    """Why trl cannot serve here (None: it can); package metadata only."""
+    return needs_package("trl", TRL_VERSIONS, INSTALL)
 
 
 # -- the pairs as each TRL trainer reads them --------------------------------------------------------

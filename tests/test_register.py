@@ -73,3 +73,17 @@ def test_a_registered_loader_runs_in_the_pipeline(fresh_manager):
     ftk.register("dataset", "two", two_rows, manager=fresh_manager)
     got = load_dataset(fresh_manager, {"loader": "two"})
     assert [e.text for e in got.train] == ["Q: hi A: hello"] * 2
+
+
+def test_needs_package_reads_metadata_only():
+    """ftk.components.needs_package: the unavailable= reason for a missing package or a version outside the
+    range, None when it fits; without importing the package."""
+    import sys
+
+    from ftk.components import needs_package
+
+    assert needs_package("no_such_pkg_ftk", ">=1", "pip install x") == "needs no_such_pkg_ftk: pip install x"
+    assert needs_package("pluggy", ">=0.1", "pip install y") is None
+    import pluggy
+
+    have = pluggy.__version__
