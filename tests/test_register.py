@@ -77,9 +77,7 @@ def test_a_registered_loader_runs_in_the_pipeline(fresh_manager):
 
 def test_needs_package_reads_metadata_only():
     """ftk.components.needs_package: the unavailable= reason for a missing package or a version outside the
-    range, None when it fits; without importing the package."""
-    import sys
-
+    range, None when it fits."""
     from ftk.components import needs_package
 
     assert needs_package("no_such_pkg_ftk", ">=1", "pip install x") == "needs no_such_pkg_ftk: pip install x"
@@ -87,3 +85,4 @@ def test_needs_package_reads_metadata_only():
     import pluggy
 
     have = pluggy.__version__
+    assert needs_package("pluggy", ">=999", "pip install z") == f"needs pluggy>=999 (found {have}): pip install z"
