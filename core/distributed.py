@@ -413,3 +413,14 @@ def gather_for_evaluation(model) -> None:
     for m in model.modules():
         if getattr(m, "_is_fsdp_managed_module", False):
             m._is_fsdp_managed_module = False
+
+
+def close() -> None:
+    """End this process's part in a multi-process run: leave the process group cleanly (no collective:
+    a rank may leave while rank 0 still evaluates). Without it each worker's gloo/NCCL group is torn down
+    by interpreter exit, which torch warns about and which can abort a worker ("terminate called without
+    an active exception") while its background threads still run."""
+    import torch.distributed as dist
+
+    if dist.is_available() and dist.is_initialized():
+        dist.destroy_process_group()

@@ -197,8 +197,13 @@ def finish_run(state: RunState, metrics: dict) -> dict:
 
 
 def run_recipe(recipe: dict, manager, resume: str | None = None, overwrite: bool = False) -> dict:
-    state = prepare_run(recipe, manager, resume, overwrite)
-    return finish_run(state, {"train": train_run(state, resume)})
+    from ftk import distributed
+
+    try:
+        state = prepare_run(recipe, manager, resume, overwrite)
+        return finish_run(state, {"train": train_run(state, resume)})
+    finally:
+        distributed.close()  # a torchrun worker leaves its process group before it exits
 
 
 @contextlib.contextmanager
