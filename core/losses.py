@@ -4,8 +4,8 @@ A LLaMA with a 32,000-token vocabulary turns a 4 x 2,048-token batch into 262M l
 kept for the backward pass, plus its float upcast and its gradient. :func:`chunked_causal_lm_loss`
 computes the loss from the final hidden states a chunk of positions at a time, each chunk's logits
 recomputed in the backward pass (activation checkpointing of the output layer only), and only at the
-positions that have a label, so the prompt tokens a supervised run masks cost nothing. The output layer
-is called as a module, so a LoRA-adapted or quantized head works as it does in the model.
+positions that have a label, so the prompt tokens a supervised run masks cost nothing. The output layer's
+own forward computes each chunk, so a LoRA-adapted or quantized head works as it does in the model.
 
 It equals transformers' ``ForCausalLMLoss`` (labels shifted left, ``-100`` ignored, a sum divided by
 ``num_items_in_batch`` when the Trainer passes it, else the mean) in value and in gradients.
@@ -40,9 +40,9 @@ def chunked_causal_lm_loss(hidden, head, labels, *, chunk_tokens: int = 1024, nu
     keep = (targets != IGNORE_INDEX).nonzero().squeeze(1)
     flat, targets = flat.index_select(0, keep), targets.index_select(0, keep)
     total = flat.new_zeros((), dtype=torch.float32)
-    for start in range(0, targets.numel(), chunk_tokens):
-        part = slice(start, start + chunk_tokens)
-        total = total + checkpoint(_chunk_sum, head, flat[part], targets[part], use_reentrant=False)
+    # split, not slices: each slice's backward would write its gradient into a zero tensor of all of ``flat``
+    for h, y in zip(flat.split(chunk_tokens), targets.split(chunk_tokens)):
+        total = total + checkpoint(_chunk_sum, head, h, y, use_reentrant=False)
     if num_items_in_batch is not None:
         if torch.is_tensor(num_items_in_batch):
             num_items_in_batch = num_items_in_batch.to(total.device)
