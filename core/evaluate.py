@@ -188,14 +188,13 @@ class QualitativeEvaluator:
         return out
 
     def _prompt_ids(self, prompt: str, limit: int | None, max_new: int) -> list[int]:
-        ids = None
         if prompt[-1:].isspace() and getattr(self.tokenizer, "backend_tokenizer", None) is not None:
             # "...Assistant: " is trained as [..., ":", "▁Hello"]: the space goes with the reply's first word, so
             # the prompt's ids end before it, as training saw them, not with a lone "▁" training never produced
             from ftk.tokens import prompt_token_ids
 
             ids = prompt_token_ids(self.tokenizer, prompt)[0]
-        if ids is None:
+        else:
             ids = self.tokenizer(prompt, add_special_tokens=True)["input_ids"]
         if limit and len(ids) + max_new > limit:
             # keep the end (where the prompt asks for the response) and the BOS token
@@ -672,23 +671,24 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
         compare_base = ev.get("compare_base", schema_default("evaluation.compare_base"))
     val_pairs = _validation_pairs(prepared) if any(m.requires == "pairs" for _, m in metrics) else []
 
-    def logps():  # (chosen, rejected) of every validation pair under the model as it is now
-        return PreferenceEvaluator(model, tokenizer).compute_logps(val_pairs, _eval_batch_size(recipe)) \
-            if val_pairs else None
+    # ``seconds`` gets the wall time of each part per scored model ("pairs": the pairs' log-probabilities)
+    seconds = {} if seconds is None else seconds
+    seconds.update(finetuned={}, base={})
+
+    def logps(scored: str):  # (chosen, rejected) of every validation pair under the model as it is now
+        if not val_pairs:
+            return None
+        with _Clock(seconds[scored])("pairs"):
+            return PreferenceEvaluator(model, tokenizer).compute_logps(val_pairs, _eval_batch_size(recipe))
 
     out: dict[str, Any] = {}
     preds_ft: list[str] | None = None
     preds_base: list[str] | None = None
-    # ``seconds`` gets the wall time of each part per scored model ("pairs": the pairs' log-probabilities)
-    seconds = {} if seconds is None else seconds
-    seconds.update(finetuned={}, base={})
-    ft_clock, base_clock = _Clock(seconds["finetuned"]), _Clock(seconds["base"])
     if has_adapter:
         log.info("evaluating the fine-tuned model")
-        with ft_clock("pairs"):
-            policy = logps()
-        with model.disable_adapter(), base_clock("pairs"):  # same weights in memory, adapter bypassed: no second load
-            base = logps()
+        policy = logps("finetuned")
+        with model.disable_adapter():  # same weights in memory, adapter bypassed: no second load
+            base = logps("base")
         out["finetuned"], preds_ft = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
                                                  _pair_inputs(policy, base), metric_context(recipe, "finetuned"),
                                                  seconds["finetuned"])
@@ -700,13 +700,11 @@ def evaluate_model(model, tokenizer, prepared, recipe: dict, manager, compare_ba
                                                       seconds["base"])
     else:
         log.info("evaluating the base model (no adapter)")
-        with base_clock("pairs"):
-            base = logps()
+        base = logps("base")
         out["base"], preds_base = score_model(model, tokenizer, metrics, loader, prompts, refs, gen,
                                               _pair_inputs(base, base), metric_context(recipe, "base"), seconds["base"])
     for scored in ("finetuned", "base"):
-        seconds[scored] = {p: v for p, v in seconds[scored].items() if v or p != "pairs"}
-        if not seconds[scored]:
+        if not seconds[scored]:  # not scored (compare_base off, or no adapter)
             del seconds[scored]
     out["samples"] = [
         {"prompt": p, "reference": r,
