@@ -155,6 +155,7 @@ SETUPS = {"baseline": setup_baseline, "trl": setup_trl, "ftk": setup_ftk,
           "ftk-compile": functools.partial(setup_ftk, compile=True),
           # ftk's default with one lever turned back, to measure that lever alone
           "ftk-eager": functools.partial(setup_ftk, model={"attn_implementation": "eager"}),
+          "ftk-sdpa": functools.partial(setup_ftk, model={"attn_implementation": "sdpa"}),
           "ftk-plainloss": functools.partial(setup_ftk, trainer={"chunked_loss": False})}
 
 

@@ -133,6 +133,22 @@ def _check_attn(impl: str) -> None:
                            "package; use \"sdpa\"")
 
 
+def attention_implementation(recipe: dict, cuda: bool | None = None) -> str:
+    """The attention transformers loads the model with: model.attn_implementation with ``auto`` resolved
+    (ftk.attention.resolve); ftk's ``sdpa_packed`` is registered with transformers when chosen."""
+    from ftk import attention
+    from ftk.train import compile_on
+
+    if cuda is None:
+        import torch
+
+        cuda = torch.cuda.is_available()
+    impl = attention.resolve(recipe["model"]["attn_implementation"], cuda, compile_on(recipe))
+    if impl == attention.NAME:
+        attention.register()
+    return impl
+
+
 def apply_after_load(model, plan) -> None:
     """The quantizer's fix-ups on the loaded layers (its notes join the plan's)."""
     if plan is not None and plan.after_load is not None:
@@ -167,7 +183,7 @@ def load_base(recipe: dict, plan=None, precision: str = "fp32"):
 
     m = recipe["model"]
     _check_attn(m["attn_implementation"])
-    kwargs = dict(_hub_kwargs(m), attn_implementation=m["attn_implementation"],
+    kwargs = dict(_hub_kwargs(m), attn_implementation=attention_implementation(recipe),
                   dtype=_torch_dtype(precision))
     if not m.get("allow_pickle"):
         kwargs["use_safetensors"] = True

@@ -130,11 +130,14 @@ class Collator:
 
     Unpacked rows get an ``attention_mask``; packed rows get ``position_ids`` and no mask, so
     transformers builds a block-diagonal causal mask from the position restarts (exact only with
-    ``use_cache=False``). Padding has labels -100 and, when packed, its own position run.
+    ``use_cache=False``). Padding has labels -100 and, when packed, its own position run. With
+    ``sequence_bounds`` packed batches also carry ``cu_seq_lens_q``/``_k`` and ``max_length_q``/``_k``
+    (the sequences over the flattened batch), which ftk's ``sdpa_packed`` attention reads.
     A batch without a single trainable label raises DataError naming its examples."""
 
-    def __init__(self, pad_token_id: int, pad_to: int | None = None):
+    def __init__(self, pad_token_id: int, pad_to: int | None = None, sequence_bounds: bool = False):
         self.pad_token_id, self.pad_to = int(pad_token_id), pad_to
+        self.sequence_bounds = sequence_bounds
 
     def __call__(self, features: list[dict]) -> dict:
         import torch
@@ -162,6 +165,12 @@ class Collator:
                             f"{' ...' if len(names) > 8 else ''}; check train_on_inputs, max_length and the template")
         out = {"input_ids": ids, "labels": labels}
         out["position_ids" if packed else "attention_mask"] = extra
+        if packed and self.sequence_bounds:
+            from ftk.attention import sequence_bounds
+
+            cu = sequence_bounds(extra)
+            longest = int((cu[1:] - cu[:-1]).max())
+            out.update(cu_seq_lens_q=cu, cu_seq_lens_k=cu, max_length_q=longest, max_length_k=longest)
         return out
 
 

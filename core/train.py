@@ -430,6 +430,11 @@ def save_adapter(model, tokenizer, output_dir: str, state_dict: dict | None = No
     return out
 
 
+def _attention(model) -> str:
+    base = model.get_base_model() if hasattr(model, "get_base_model") else model
+    return str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
+
+
 def compile_on(recipe: dict) -> bool:
     """training.compile resolved: "auto" is on when training on a CUDA GPU with Triton for the kernels."""
     value = section(recipe, "training")["compile"]
@@ -545,6 +550,9 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         # one shape, so the layers compile once instead of again for dynamic lengths
         collator = copy.copy(collator)
         collator.pad_to = int(d["max_length"])
+    if collator is not None and d["packing"] and _attention(model) == "sdpa_packed":
+        collator = copy.copy(collator)
+        collator.sequence_bounds = True  # the sequences ftk's packed attention computes one by one
     trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=train_ds,
                           eval_dataset=eval_ds, processing_class=tokenizer, callbacks=callbacks, **plan.trainer_kwargs)
     from ftk.console import replace_console

@@ -232,19 +232,25 @@ def _packable(kw: dict) -> bool:
     return bool(right_padded and lengths.min() > 0 and (labels[~mask.bool()] == -100).all())
 
 
-def packed_forward(fused, one_row: bool = False):
+def packed_forward(fused, one_row: bool = False, bounds: bool = False):
     """Wrap TRL's fused-head forward (``add_fused_lm_head``): a padded ``fused_lm_head=True`` call runs on
     the packed batch and returns its per-token outputs in the padded layout; every other call, and a
-    batch that is not right padded, goes to ``fused`` unchanged."""
+    batch that is not right padded, goes to ``fused`` unchanged. ``bounds``: the call also gets the
+    packed sequences' ``cu_seq_lens_q`` (ftk's ``sdpa_packed`` attention reads them)."""
 
     @functools.wraps(fused)
     def forward(*args, fused_lm_head=False, **kw):
         if not fused_lm_head or args or not _packable(kw):
             return fused(*args, fused_lm_head=fused_lm_head, **kw)
         p = PackedBatch(kw["attention_mask"], one_row)
+        extra = {}
+        if bounds:
+            from ftk.attention import sequence_bounds
+
+            extra["cu_seq_lens_q"] = extra["cu_seq_lens_k"] = sequence_bounds(p.position_ids)
         out = fused(input_ids=p.pack(kw["input_ids"], 0), position_ids=p.position_ids,
                     shift_labels=p.shift_labels(kw["labels"]), num_items_in_batch=kw.get("num_items_in_batch"),
-                    use_cache=False, fused_lm_head=True)
+                    use_cache=False, fused_lm_head=True, **extra)
         return type(out)(**{k: p.unpack(v) if k in _PER_TOKEN else v for k, v in out.items()})
 
     forward.ftk_packed = "one row" if one_row else "rows"
@@ -261,11 +267,11 @@ def pack_model_calls(model) -> str | None:
         return base.forward.ftk_packed
     if impl.startswith("flash_attention"):
         one_row = True
-    elif impl in ("sdpa", "eager", "flex_attention"):
+    elif impl in ("sdpa", "sdpa_packed", "eager", "flex_attention"):
         one_row = False
     else:
         return None
-    base.forward = packed_forward(base.forward, one_row)
+    base.forward = packed_forward(base.forward, one_row, bounds=impl == "sdpa_packed")
     return base.forward.ftk_packed
 
 

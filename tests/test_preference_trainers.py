@@ -33,11 +33,13 @@ ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHONUNBUFFERED
 
 # -- building blocks (also run by the subprocess tests: ``python -c "import test_preference_trainers"``) --
 def raw_recipe(out, method="dpo", trainer=None, checkpointing=False, n_pairs=40, n_val=8, max_prompt_length=None,
-               **training) -> dict:
+               attention="auto", **training) -> dict:
     """``n_pairs`` real pairs, ``n_val`` of them held out by the pipeline; fp32 on every CPU ("auto" is bf16
-    on AVX512-BF16 CPUs)."""
+    on AVX512-BF16 CPUs). ``attention="sdpa"`` where a packed run is compared with a padded one to fp32
+    rounding: the padded calls always run sdpa, and the CPU default's packed attention sums in another order."""
     return {
-        "model": {"name": str(MODEL_DIR), "quantization": {"method": "nf4"}, "gradient_checkpointing": checkpointing},
+        "model": {"name": str(MODEL_DIR), "quantization": {"method": "nf4"}, "gradient_checkpointing": checkpointing,
+                  "attn_implementation": attention},
         "adapter": {"method": "lora", "r": 8, "alpha": 16},
         "trainer": {"method": method, **(trainer or {})},
         "data": {"datasets": [{"loader": "preference", "path": str(PAIRS), "max_examples": n_pairs}],
@@ -255,7 +257,8 @@ def _two_models(tmp_path, method, pings: list):
     mgr = FtkPluginManager()
     # prompts cut to 24 tokens: the sequences' lengths differ (41 to 87 tokens), so the padded batch has padding
     # and the packed one rows of two sequences
-    r = recipe_for(tmp_path / method, method, manager=mgr, n_pairs=8, n_val=0, max_steps=1, max_prompt_length=24)
+    r = recipe_for(tmp_path / method, method, manager=mgr, n_pairs=8, n_val=0, max_steps=1, max_prompt_length=24,
+                   attention="sdpa")
     tok = M.load_tokenizer(r)
     pairs = D.prepare_data(r, tok, mgr).train  # the core's pairs: what a "pairs" trainer gets
     plan = T.trainer_plan(r, mgr, str(tmp_path / method))
@@ -264,7 +267,7 @@ def _two_models(tmp_path, method, pings: list):
     ftk_trainer = T._plan_trainer_class(plan, r)(model=ours, args=args(), data_collator=None, train_dataset=pairs,
                                                  processing_class=tok)
     r_padded = recipe_for(tmp_path / method, method, {"padding_free": False} if method != "orpo" else None,
-                          manager=mgr, n_pairs=8, n_val=0, max_steps=1, max_prompt_length=24)
+                          manager=mgr, n_pairs=8, n_val=0, max_steps=1, max_prompt_length=24, attention="sdpa")
     ftk_padded = T._plan_trainer_class(T.trainer_plan(r_padded, mgr, str(tmp_path / method)), r_padded)(
         model=padded, args=args(), data_collator=None, train_dataset=pairs, processing_class=tok)
     pings.append("ftk done")
@@ -377,16 +380,19 @@ def test_loss_equals_trls_own_trainer(tmp_path, monkeypatch, method):
 
 
 # -- padding-free model calls ----------------------------------------------------------------------
-@pytest.mark.parametrize("attention", ["sdpa", "eager"])
+@pytest.mark.parametrize("attention", ["sdpa", "sdpa_packed", "eager"])
 def test_a_packed_call_returns_the_padded_calls_per_token_outputs(attention):
     """transformers 5 masks packed sequences from position ids that restart (no attention mask): TRL's
     fused head on the packed rows (``rows``: no wider than the longest sequence; ``one row``) gives every
-    per-token output, the loss and the gradient of the padded call, 0 at padding as there."""
+    per-token output, the loss and the gradient of the padded call, 0 at padding as there. With ftk's
+    ``sdpa_packed`` the packed call also carries the sequences' bounds, which that attention reads."""
     from transformers import AutoModelForCausalLM
     from trl.trainer.utils import add_fused_lm_head
 
+    from ftk import attention as ftk_attention
     from ftk.plugins.trainer_preference import PackedBatch, packed_forward
 
+    ftk_attention.register()
     torch.manual_seed(0)
     model = AutoModelForCausalLM.from_pretrained(MODEL_DIR, dtype=torch.float32, attn_implementation=attention)
     add_fused_lm_head(model, outputs=("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1"))
@@ -408,7 +414,11 @@ def test_a_packed_call_returns_the_padded_calls_per_token_outputs(attention):
     for one_row, rows in ((False, 4), (True, 1)):  # rows: 30 | 30 | 17+12 | 9+5+2
         packed = PackedBatch(mask, one_row)
         assert packed.size[0] == rows and packed.size[1] == (30 if not one_row else sum(lengths))
-        got, got_grad = run(packed_forward(fused, one_row))
+        seen = []
+        got, got_grad = run(packed_forward(lambda **kw: seen.append(kw) or fused(**kw), one_row,
+                                           bounds=attention == "sdpa_packed"))
+        if attention == "sdpa_packed":
+            assert seen[0]["cu_seq_lens_q"].tolist() == ftk_attention.sequence_bounds(packed.position_ids).tolist()
         for k in ("log_probs", "entropy", "log_sum_sq_probs", "mean_logits", "is_top1", "label_mask"):
             assert got[k].shape == want[k].shape == (7, 29), k
             assert torch.allclose(got[k].float(), want[k].float(), rtol=1e-5, atol=2e-5), (k, one_row)
@@ -431,7 +441,7 @@ def test_a_packed_call_returns_the_padded_calls_per_token_outputs(attention):
 def test_padding_free_dpo_trains_as_the_padded_run(tmp_path):
     """A short padding-free DPO run (prompts cut to 24 tokens, so sequences of 41-96 tokens share rows)
     starts at log 2, learns (reward accuracy rises, the adapter moves) and follows the padded run."""
-    kw = dict(n_pairs=40, n_val=0, max_steps=8, max_prompt_length=24)
+    kw = dict(n_pairs=40, n_val=0, max_steps=8, max_prompt_length=24, attention="sdpa")
     free = train_pairs(tmp_path / "free", "dpo", **kw)
     padded = train_pairs(tmp_path / "padded", "dpo", trainer={"padding_free": False}, **kw)
     assert free.model.get_base_model().forward.ftk_packed == "rows"

@@ -12,7 +12,7 @@ import pytest
 
 from conftest import ROOT
 
-PUBLIC = {"ftk", "ftk.hookspecs", "ftk.components", "ftk.errors", "ftk.io", "ftk.testing", "ftk.loaderkit", "ftk.losses"}
+PUBLIC = {"ftk", "ftk.hookspecs", "ftk.components", "ftk.errors", "ftk.io", "ftk.testing", "ftk.loaderkit", "ftk.losses", "ftk.attention"}
 PLUGIN_MODULES = sorted([*(ROOT / "plugins").rglob("*.py"),
                          *(ROOT / "examples" / "ftk-sharegpt" / "ftk_sharegpt").rglob("*.py")])
 CORE = ROOT / "core"  # the package ftk
