@@ -24,7 +24,7 @@ from ftk.components import DataContext, Example, LoadedData, PreferencePair, Pre
 from ftk.datacache import cache_root, cached_tokenize, examples_digest, file_states, load_result, result_key, save_result
 from ftk.errors import DataError
 from ftk.loaderkit import (  # noqa: F401 - the loader helpers' old home: ftk.data.<name> keeps working
-    ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DEFAULT_SPEAKERS, BadRecord, RecordPolicy, check_messages, check_path,
+    ALPACA_TEMPLATE, ALPACA_TEMPLATE_NO_INPUT, DEFAULT_SPEAKERS, FILE_OPTIONS, ROLES_OPTION, BadRecord, RecordPolicy, check_messages, check_path,
     conversation_example, decode_utf8, detect_format, example_from_row, field_str, file_fingerprint,
     instruction_example, iter_records, load_hub, loader_from_class, merge_segments, preference_pair, read_text,
     split_template, tokenized_example,

@@ -27,7 +27,7 @@ from ftk.components import DataContext, Example, LoadedData, PreferencePair, Seg
 from ftk.errors import DataError
 
 __all__ = [
-    "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "DEFAULT_SPEAKERS",
+    "ALPACA_TEMPLATE", "ALPACA_TEMPLATE_NO_INPUT", "DEFAULT_SPEAKERS", "FILE_OPTIONS", "ROLES_OPTION",
     "BadRecord", "RecordPolicy",
     "check_path", "decode_utf8", "read_text", "detect_format", "iter_records", "field_str",
     "file_fingerprint",
@@ -38,6 +38,19 @@ __all__ = [
 ALPACA_TEMPLATE = "### Instruction:\n{instruction}\n\n### Input:\n{input}\n\n### Response:\n{output}"
 ALPACA_TEMPLATE_NO_INPUT = "### Instruction:\n{instruction}\n\n### Response:\n{output}"
 DEFAULT_SPEAKERS = ("User", "Assistant")
+# JSON-Schema properties for a loader's options (its SCHEMA's "properties": {**FILE_OPTIONS, ...}):
+# one local data file read with iter_records, an optional validation file, the format
+FILE_OPTIONS = {
+    "path": {"type": "string", "minLength": 1, "format": "path",
+             "description": "The data file (relative to the recipe)."},
+    "validation_path": {"type": ["string", "null"], "format": "path", "default": None,
+                        "description": "Optional file holding the validation split (same format and mapping)."},
+    "format": {"enum": ["auto", "json", "jsonl", "csv", "tsv", "parquet"], "default": "auto",
+               "description": "File format; auto = from the extension."},
+}
+# your role values -> system/user/assistant (the "roles" option of a loader of conversations)
+ROLES_OPTION = {"type": "object", "additionalProperties": {"enum": ["system", "user", "assistant"]},
+                "default": {}, "description": "Map your role values (e.g. human, gpt) to system/user/assistant."}
 _IGNORE = -100  # a label that is not trained (ftk.tokens.IGNORE, not imported: that module needs numpy)
 _TEXT_FIELDS = ("instruction", "prompt", "messages", "text")  # a row with any of these is formatted by ftk
 

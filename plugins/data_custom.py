@@ -9,17 +9,13 @@ Two shapes:
   turns are trained. ``"template": "chat"`` renders with the tokenizer's chat template.
 """
 from ftk.hookspecs import hookimpl
+from ftk.loaderkit import FILE_OPTIONS, ROLES_OPTION
 
 SCHEMA = {
     "type": "object",
     "required": ["path"],
     "properties": {
-        "path": {"type": "string", "minLength": 1, "format": "path",
-                 "description": "The data file (relative to the recipe)."},
-        "validation_path": {"type": ["string", "null"], "format": "path", "default": None,
-                            "description": "Optional file holding the validation split (same format and mapping)."},
-        "format": {"enum": ["auto", "json", "jsonl", "csv", "tsv", "parquet"], "default": "auto",
-                   "description": "File format; auto = from the extension."},
+        **FILE_OPTIONS,
         "shape": {"enum": ["instruction", "conversation"], "default": "instruction"},
         "fields": {
             "type": "object", "default": {},
@@ -30,8 +26,7 @@ SCHEMA = {
             "additionalProperties": False,
             "description": "Your column names for instruction/input/output, or messages/role/content.",
         },
-        "roles": {"type": "object", "additionalProperties": {"enum": ["system", "user", "assistant"]},
-                  "default": {}, "description": "Map your role values (e.g. human, gpt) to system/user/assistant."},
+        "roles": ROLES_OPTION,
     },
 }
 

@@ -9,17 +9,13 @@ whole conversations: the prompt is the messages they share from the start (TRL's
 system/user/assistant. The core renders, tokenizes and truncates the pairs (docs/data.md).
 """
 from ftk.hookspecs import hookimpl
+from ftk.loaderkit import FILE_OPTIONS, ROLES_OPTION
 
 SCHEMA = {
     "type": "object",
     "required": ["path"],
     "properties": {
-        "path": {"type": "string", "minLength": 1, "format": "path",
-                 "description": "The data file (relative to the recipe)."},
-        "validation_path": {"type": ["string", "null"], "format": "path", "default": None,
-                            "description": "Optional file holding the validation split (same format and mapping)."},
-        "format": {"enum": ["auto", "json", "jsonl", "csv", "tsv", "parquet"], "default": "auto",
-                   "description": "File format; auto = from the extension."},
+        **FILE_OPTIONS,
         "fields": {
             "type": "object", "default": {},
             "properties": {"prompt": {"type": "string", "minLength": 1}, "chosen": {"type": "string", "minLength": 1},
@@ -27,8 +23,7 @@ SCHEMA = {
             "additionalProperties": False,
             "description": "Your column names for prompt/chosen/rejected.",
         },
-        "roles": {"type": "object", "additionalProperties": {"enum": ["system", "user", "assistant"]},
-                  "default": {}, "description": "Map your role values (e.g. human, gpt) to system/user/assistant."},
+        "roles": ROLES_OPTION,
     },
 }
 
