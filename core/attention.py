@@ -15,6 +15,8 @@ transformers' own ``sdpa`` with the mask it built, so nothing else changes where
 """
 from __future__ import annotations
 
+import functools
+
 NAME = "sdpa_packed"
 CHUNK = 128  # query positions a call; 64-256 measured alike, 512 (a whole sequence) slower
 
@@ -61,6 +63,7 @@ def _mask(rows: int, cols: int):
     return m
 
 
+@functools.cache
 def _function():
     import torch
 
@@ -124,13 +127,11 @@ def packed_sdpa_forward(module, query, key, value, attention_mask, dropout=0.0, 
             or getattr(module, "sliding_window", None) or kwargs.get("s_aux") is not None):
         return sdpa_attention_forward(module, query, key, value, attention_mask, dropout=dropout, scaling=scaling,
                                       is_causal=is_causal, **kwargs)
-    if "PackedAttention" not in _cache:
-        _cache["PackedAttention"] = _function()
     heads, kv_heads = query.shape[1], key.shape[1]
     if kv_heads != heads:  # grouped-query attention: each KV head serves heads // kv_heads query heads
         key = key.repeat_interleave(heads // kv_heads, dim=1)
         value = value.repeat_interleave(heads // kv_heads, dim=1)
-    out = _cache["PackedAttention"].apply(query, key, value, _plan_for(cu, query.shape[2]), scaling)
+    out = _function().apply(query, key, value, _plan_for(cu, query.shape[2]), scaling)
     return out.to(query.dtype).transpose(1, 2).contiguous(), None
 
 

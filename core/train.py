@@ -550,7 +550,9 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
         # one shape, so the layers compile once instead of again for dynamic lengths
         collator = copy.copy(collator)
         collator.pad_to = int(d["max_length"])
-    if collator is not None and d["packing"] and _attention(model) == "sdpa_packed":
+    from ftk import attention
+
+    if collator is not None and d["packing"] and _attention(model) == attention.NAME:
         collator = copy.copy(collator)
         collator.sequence_bounds = True  # the sequences ftk's packed attention computes one by one
     trainer = trainer_cls(model=model, args=args, data_collator=collator, train_dataset=train_ds,

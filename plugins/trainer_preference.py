@@ -261,17 +261,19 @@ def pack_model_calls(model) -> str | None:
     """Make the fused-head calls on ``model`` (a PeftModel or a model TRL gave a fused LM head) padding-
     free; returns the layout ("rows" or "one row"), or None where the attention cannot mask packed
     sequences (the calls stay padded)."""
+    from ftk.attention import NAME as PACKED_ATTENTION
+
     base = model.get_base_model() if hasattr(model, "get_base_model") else model
     impl = str(getattr(base.config, "_attn_implementation", None) or "")
     if getattr(base.forward, "ftk_packed", None):
         return base.forward.ftk_packed
     if impl.startswith("flash_attention"):
         one_row = True
-    elif impl in ("sdpa", "sdpa_packed", "eager", "flex_attention"):
+    elif impl in ("sdpa", PACKED_ATTENTION, "eager", "flex_attention"):
         one_row = False
     else:
         return None
-    base.forward = packed_forward(base.forward, one_row, bounds=impl == "sdpa_packed")
+    base.forward = packed_forward(base.forward, one_row, bounds=impl == PACKED_ATTENTION)
     return base.forward.ftk_packed
 
 
