@@ -6,11 +6,16 @@ peak GPU memory for each, with the card's name, and the ratio measured in the sa
 
 On a GPU, ftk's default ("auto") is gradient checkpointing plus torch.compile of the decoder layers;
 the variants measure the levers one at a time: ftk-eager (no compile), ftk-nogc (no checkpointing),
-ftk-nogc-eager (neither).
+ftk-nogc-eager (neither), ftk-offload (model.activation_offloading).
+
+Long context: `--batch 1 --length 32768` trains one packed 32,768-token row per step; `--cap-gib 24` limits
+each setup's process to 24 GiB of the card (torch.cuda.set_per_process_memory_fraction), so a run that
+does not fit a 24 GiB card stops with "out of memory" instead of using the H200's 141 GiB.
 
     python bench/gpu_bench.py                 # on a GPU machine (bench/gpu.sh wraps it)
     python bench/gpu_bench.py --tiny          # the same code path (checkpointing + compile), tiny, on the CPU
     python bench/gpu_bench.py --set training.compile=false   # any recipe setting, for every ftk setup
+    python bench/gpu_bench.py --setups baseline,ftk,ftk-offload --batch 1 --length 32768 --cap-gib 24 --steps 3
     FTK_BENCH_SAVED=1 ...                     # also tally the tensors saved for backward in one step
 """
 from __future__ import annotations
@@ -32,6 +37,7 @@ SHAPE_7B = dict(vocab_size=32000, hidden_size=4096, intermediate_size=11008, num
                 rms_norm_eps=1e-5, tie_word_embeddings=False, bos_token_id=1, eos_token_id=2)
 SHAPE_TINY = dict(SHAPE_7B, vocab_size=512, hidden_size=128, intermediate_size=384, num_hidden_layers=2,
                   num_attention_heads=4, num_key_value_heads=4)
+BATCH, LENGTH = 4, 512  # micro-batch: rows x tokens (--batch, --length)
 LINEARS = ("q_proj", "k_proj", "v_proj", "o_proj", "gate_proj", "up_proj", "down_proj")
 
 
@@ -51,7 +57,7 @@ def build_random_4bit(shape: dict, device: str, compute_dtype, quant_type="nf4",
     from transformers import LlamaConfig, LlamaForCausalLM
 
     torch.manual_seed(0)
-    cfg = LlamaConfig(**shape)
+    cfg = LlamaConfig(**dict(shape, max_position_embeddings=max(shape["max_position_embeddings"], LENGTH)))
     cfg.use_cache = False
     old = torch.get_default_dtype()
     torch.set_default_dtype(torch.bfloat16)
@@ -186,9 +192,9 @@ def setup_ftk(shape, steps, device, overrides=()):
         recipe = load_recipe(data={
             "model": {"name": str(tok_dir), "quantization": {"method": "nf4", "nested": True}},
             "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-            "data": {"datasets": [{"loader": "alpaca", "path": str(alpaca)}], "max_length": 512,
+            "data": {"datasets": [{"loader": "alpaca", "path": str(alpaca)}], "max_length": LENGTH,
                      "validation_size": 0, "cache": False},
-            "training": {"max_steps": steps, "batch_size": 4, "gradient_accumulation_steps": 1,
+            "training": {"max_steps": steps, "batch_size": BATCH, "gradient_accumulation_steps": 1,
                          "report_to": ["none"], "logging_steps": 1, "save_steps": None},
             "evaluation": {"metrics": [], "compare_base": False},
             "output_dir": str(Path(tmp) / "run")}, manager=mgr,
@@ -206,9 +212,10 @@ def setup_ftk(shape, steps, device, overrides=()):
         from torch._dynamo.utils import counters
         rows = prepared.train
         per_row = sum(sum(1 for _ in rows[i]["input_ids"]) for i in range(len(rows))) / len(rows)
-    return {**timer.summary(), "useful_tokens_per_step": per_row * 4,
+    return {**timer.summary(), "useful_tokens_per_step": per_row * BATCH,
             "final_loss": m.get("final_loss"), "precision": precision,
             "gradient_checkpointing": model_mod.gradient_checkpointing_on(recipe),
+            "activation_offloading": model_mod.activation_offloading_on(recipe),
             "compiled_layers": m.get("compiled_layers", 0), "graphs": dict(counters["stats"]),
             "graph_breaks": sum(counters["graph_break"].values())}
 
@@ -221,9 +228,13 @@ def setup_baseline(shape, steps, device):
     tok_dir, alpaca = data_paths()
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.pad_token = tok.unk_token
-    rows = json.loads(Path(alpaca).read_text())[: steps * 4 + 8]
+    rows = json.loads(Path(alpaca).read_text())
     texts = [p + r + tok.eos_token for p, r in map(common.alpaca_text, rows)]
-    enc = tok(texts, max_length=512, truncation=True, padding="max_length")
+    if LENGTH > 512:  # long context: the examples joined into one LENGTH-token text per row (no padding)
+        ids = [t for text in texts for t in tok(text)["input_ids"]]
+        texts = [tok.decode(ids[i:i + LENGTH]) for i in range(0, len(ids) - LENGTH, LENGTH)]
+    texts = texts[: steps * BATCH + 8]
+    enc = tok(texts, max_length=LENGTH, truncation=True, padding="max_length")
     enc["labels"] = [[t if a else -100 for t, a in zip(i, am)] for i, am in zip(enc["input_ids"], enc["attention_mask"])]
     ds = [dict(input_ids=i, attention_mask=a, labels=lab) for i, a, lab in zip(enc["input_ids"], enc["attention_mask"], enc["labels"])]
     cuda = device == "cuda"
@@ -235,14 +246,14 @@ def setup_baseline(shape, steps, device):
     if cuda:
         torch.cuda.reset_peak_memory_stats()
     with tempfile.TemporaryDirectory() as out:
-        args = TrainingArguments(output_dir=out, per_device_train_batch_size=4, gradient_accumulation_steps=1,
+        args = TrainingArguments(output_dir=out, per_device_train_batch_size=BATCH, gradient_accumulation_steps=1,
                                  max_steps=steps, learning_rate=2e-4, lr_scheduler_type="cosine", warmup_steps=0.03,
                                  optim="paged_adamw_32bit", max_grad_norm=0.3, weight_decay=0.01, fp16=cuda,
                                  logging_steps=1, report_to=[], save_strategy="no", use_cpu=not cuda,
                                  disable_tqdm=True, remove_unused_columns=False)
         tr = Trainer(model=model, args=args, train_dataset=ds, callbacks=[timer.callback])
         tr.train()
-    useful = sum(sum(a) for a in enc["attention_mask"][: steps * 4]) / steps
+    useful = sum(sum(a) for a in enc["attention_mask"][: steps * BATCH]) / steps
     losses = [h["loss"] for h in tr.state.log_history if "loss" in h]
     return {**timer.summary(), "useful_tokens_per_step": useful,
             "final_loss": losses[-1] if losses else None, "precision": "fp16" if cuda else "fp32",
@@ -253,10 +264,12 @@ SETUPS = {"baseline": setup_baseline, "ftk": setup_ftk,
           "ftk-eager": functools.partial(setup_ftk, overrides=[("training.compile", False)]),
           "ftk-nogc": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False)]),
           "ftk-nogc-eager": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False),
-                                                                    ("training.compile", False)])}
+                                                                    ("training.compile", False)]),
+          "ftk-offload": functools.partial(setup_ftk, overrides=[("model.activation_offloading", True)])}
 
 
 def main():
+    global BATCH, LENGTH
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--tiny", action="store_true", help="tiny shape (runs on the CPU)")
     ap.add_argument("--steps", type=int, default=None)
@@ -265,15 +278,27 @@ def main():
     ap.add_argument("--out", default=None)
     ap.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                     help="extra recipe setting for every ftk setup (after the setup's own)")
+    ap.add_argument("--batch", type=int, default=BATCH, help="rows per micro-batch")
+    ap.add_argument("--length", type=int, default=LENGTH, help="tokens per row")
+    ap.add_argument("--cap-gib", type=float, default=None,
+                    help="GPU memory each setup may use, as on a card of this size")
     a = ap.parse_args()
     import torch
+
+    BATCH, LENGTH = a.batch, a.length
 
     device = "cuda" if torch.cuda.is_available() and not a.tiny else "cpu"
     shape = SHAPE_TINY if a.tiny else SHAPE_7B
     steps = a.steps or (4 if a.tiny else 12)
     if a.setup:
         os.environ["FTK_BENCH_SETUP"] = a.setup
-        res = SETUPS[a.setup](shape, steps, device)
+        if a.cap_gib and device == "cuda":
+            torch.cuda.set_per_process_memory_fraction(min(1.0, a.cap_gib * 2**30 / torch.cuda.mem_get_info()[1]))
+        try:
+            res = SETUPS[a.setup](shape, steps, device)
+        except torch.OutOfMemoryError:
+            common.emit({"setup": a.setup, "error": f"out of memory (cap {a.cap_gib} GiB)" if a.cap_gib else "out of memory"})
+            return
         res["setup"] = a.setup
         res["tokens_per_s"] = res["useful_tokens_per_step"] * res["timed_steps"] / res["seconds"]
         res["peak_gpu_bytes"] = torch.cuda.max_memory_allocated() if device == "cuda" else None
@@ -281,13 +306,16 @@ def main():
         res["peak_rss_bytes"] = common.peak_rss_bytes()
         common.emit(res)
         return
-    extra = (["--tiny"] if a.tiny else []) + ["--steps", str(steps)]
+    extra = (["--tiny"] if a.tiny else []) + ["--steps", str(steps), "--batch", str(BATCH), "--length", str(LENGTH)]
+    if a.cap_gib:
+        extra += ["--cap-gib", str(a.cap_gib)]
     if a.set:
         os.environ["FTK_BENCH_SET"] = json.dumps(a.set)  # reaches each setup's subprocess
     if a.tiny:  # on the CPU, take the path that "auto" picks on a GPU
         os.environ["FTK_BENCH_BASE"] = json.dumps(["model.gradient_checkpointing=true", "training.compile=true"])
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (tiny shape)"
-    print(f"device: {card}; shape: {'tiny' if a.tiny else 'LLaMA-7B'}; {steps} steps of batch 4 x 512", flush=True)
+    print(f"device: {card}; shape: {'tiny' if a.tiny else 'LLaMA-7B'}; {steps} steps of batch {BATCH} x {LENGTH}"
+          + (f"; memory capped at {a.cap_gib} GiB" if a.cap_gib else ""), flush=True)
     results: list[dict] = []
     for name in a.setups.split(","):  # each line printed (and saved) as soon as its run ends
         r = common.run_setup(Path(__file__), name, extra)
@@ -302,6 +330,7 @@ def main():
                   f"peak {'GPU' if r['peak_gpu_bytes'] is not None else 'RSS'} {peak / 2**30:6.2f} GiB "
                   f"(first step {(r.get('peak_first_step_gpu_bytes') or 0) / 2**30:.2f})  "
                   f"loss {r['final_loss']}  {r['precision']}  grad-ckpt {r['gradient_checkpointing']}  "
+                  f"offload {r.get('activation_offloading', False)}  "
                   f"compiled layers {r.get('compiled_layers', 0)} graph breaks {r.get('graph_breaks', 0)}", flush=True)
             if r.get("saved_for_backward"):
                 print(f"{'':<14} saved for backward in one step (parameters excluded): {r['saved_for_backward']}")

@@ -78,6 +78,33 @@ def gradient_checkpointing_on(recipe: dict, cuda: bool | None = None) -> bool:
     return bool(cuda)
 
 
+def activation_offloading_on(recipe: dict) -> bool:
+    return bool((recipe.get("model") or {}).get("activation_offloading",
+                                                 schema_default("model.activation_offloading")))
+
+
+def _check_offloading(on: bool) -> None:
+    import torch
+
+    if on and not torch.cuda.is_available():
+        raise FtkError("model.activation_offloading: needs a CUDA GPU; on the CPU the activations are in host "
+                       "memory already, so it would change nothing (set it to false)")
+
+
+def offloading_context(on: bool):
+    """What a training step's forward and backward run under: torch's save_on_cpu, which moves every tensor
+    autograd saves to pinned host memory and back when the backward pass needs it. Under gradient
+    checkpointing the layers' own saves go to the checkpoint's hooks (the innermost hooks win), so what
+    moves is what the checkpoint keeps: each layer's input."""
+    import contextlib
+
+    if not on:
+        return contextlib.nullcontext()
+    import torch
+
+    return torch.autograd.graph.save_on_cpu(pin_memory=torch.cuda.is_available())
+
+
 # -- tokenizer ------------------------------------------------------------------------------------
 def _hub_kwargs(m: dict) -> dict:
     return {"revision": m.get("revision"), "cache_dir": m.get("cache_dir"),
@@ -291,6 +318,7 @@ def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
 def load_model(recipe: dict, manager, tokenizer):
     """-> (model with adapter attached, info). Prints the trainable-parameter line."""
     m = recipe["model"]
+    _check_offloading(activation_offloading_on(recipe))  # before any weight is read
     model, ctx, precision, qmethod, plan = load_quantized_base(recipe, manager, tokenizer)
     config = ctx.model_config
     notes = list(plan.notes)
@@ -317,6 +345,7 @@ def load_model(recipe: dict, manager, tokenizer):
         "quantization": {"method": qmethod, "quantized_layers": quantized, "notes": notes},
         "adapter": amethod,
         "gradient_checkpointing": gc,
+        "activation_offloading": activation_offloading_on(recipe),
         "attention": str(getattr(model.config, "_attn_implementation", None) or m["attn_implementation"]),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),

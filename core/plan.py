@@ -18,7 +18,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-from ftk.model import gradient_checkpointing_on
+from ftk.model import activation_offloading_on, gradient_checkpointing_on
 
 GB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -224,6 +224,12 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         activations = tokens * (s.layers * h * d + 2 * per_layer_tok)
     else:
         activations = tokens * (s.layers + 1) * per_layer_tok
+    offload = cuda and activation_offloading_on(recipe)
+    if offload:
+        # the saved tensors wait in host memory; on the GPU one layer's come back at a time in backward
+        stays = tokens * 2 * per_layer_tok
+        offloaded = None if offloaded is None else offloaded + activations - stays
+        activations = stays
     # fp32 logits, log-softmax kept for backward, their gradient: for every position, or one chunk of them
     live = tokens if method.logits_positions is None else min(tokens, method.logits_positions)
     logits = live * s.vocab * 4 * 3
@@ -249,6 +255,7 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         "trainable_share": None if lora_params is None else lora_params / max(1, params),
         "bytes": {k: _int(v) for k, v in parts.items()},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
+                        "activation_offloading": offload,
                         "quantized_linear_parameters": _int(quantized), "sequences_per_example": seqs,
                         "reference_sequences_per_example": ref_seqs,
                         "logits_positions": method.logits_positions, "device": "cuda" if cuda else "cpu",
@@ -332,7 +339,8 @@ def format_plan(p: dict) -> str:
     lines.append(f"  (micro-batch of {a['tokens_per_micro_batch']} tokens"
                  + (f" ({per} sequences per example)" if per > 1 else "")
                  + f", {a['compute_bytes']}-byte compute, "
-                 f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'})")
+                 f"gradient checkpointing {'on' if a['gradient_checkpointing'] else 'off'}"
+                 + (", activations offloaded to host memory" if a.get("activation_offloading") else "") + ")")
     if "device_memory" in p:
         have, need = p["device_memory"], b["total"]
         lines.append("  fits: unknown (the total is unknown)" if need is None else

@@ -251,7 +251,7 @@ def _missing_trackers(report_to) -> list[str]:
 
 def hardware_errors(recipe: dict) -> list[str]:
     """What this machine cannot run of a (valid) recipe: fp16 or bf16 precision the hardware lacks,
-    flash_attention_2 without CUDA and flash-attn. ``ftk run`` finds the same before loading weights;
+    flash_attention_2 without CUDA and flash-attn, activation offloading without CUDA. ``ftk run`` finds the same before loading weights;
     ``ftk validate`` asks here so that it accepts only what can train on this machine. torch is imported
     only when a choice depends on the hardware."""
     from ftk import model as model_mod
@@ -262,6 +262,8 @@ def hardware_errors(recipe: dict) -> list[str]:
         checks.append((model_mod.resolve_precision, t["precision"]))
     if m.get("attn_implementation") == "flash_attention_2":
         checks.append((model_mod._check_attn, "flash_attention_2"))
+    if m.get("activation_offloading") is True:
+        checks.append((model_mod._check_offloading, True))
     out = []
     for check, value in checks:
         try:

@@ -145,6 +145,7 @@ def _trainer_class():
         ftk_strategy = None  # distributed.strategy asked for: checked against the wrapper at the first step
         ftk_sharding = None  # the FSDP settings ftk applied (ftk.distributed.shard)
         ftk_ran = None  # what ftk.distributed.check_ran found
+        ftk_offload = False  # model.activation_offloading
 
         def training_step(self, model, inputs, *args, **kwargs):
             if self.ftk_ran is None and self.ftk_strategy is not None:
@@ -154,7 +155,10 @@ def _trainer_class():
                 self.ftk_ran = check_ran(model, self.ftk_strategy, self.ftk_sharding)
                 if self.is_world_process_zero():
                     print(describe(self.ftk_ran), flush=True)
-            return super().training_step(model, inputs, *args, **kwargs)
+            from ftk.model import offloading_context
+
+            with offloading_context(self.ftk_offload):  # forward and backward: TRL and torchtune do the same
+                return super().training_step(model, inputs, *args, **kwargs)
 
         def evaluate(self, *args, **kwargs):
             # An evaluation before training prepares the model for evaluation only (autocast) and marks it
@@ -509,7 +513,9 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     """Train the adapter with the recipe's trainer (``plan``: its TrainerPlan, built here when not given)
     on transformers' Trainer; returns the training metrics."""
     from ftk import distributed
+    from ftk import model as model_mod
 
+    model_mod._check_offloading(model_mod.activation_offloading_on(recipe))  # a model load_model did not build
     out = Path(output_dir)
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -563,6 +569,7 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     if plan.compute_loss is not None:
         trainer.ftk_compute_loss = plan.compute_loss
     trainer.ftk_strategy = strategy
+    trainer.ftk_offload = model_mod.activation_offloading_on(recipe)
     guard.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharding replaced them
     if _is_main():
         for note in plan.notes:

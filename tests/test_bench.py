@@ -6,15 +6,19 @@ import os
 import subprocess
 import sys
 
+import pytest
+
 from conftest import ROOT
 
 ENV = dict(os.environ, OMP_NUM_THREADS="1", HF_HUB_OFFLINE="1", PYTHON=sys.executable)
 
 
-def test_gpu_bench_tiny_runs_on_cpu():
-    p = subprocess.run(["bash", "bench/gpu.sh", "--tiny", "--steps", "2", "--setups", "baseline,ftk"], cwd=ROOT,
+@pytest.mark.parametrize("shape", [[], ["--batch", "1", "--length", "1024"]], ids=["4x512", "long-context"])
+def test_gpu_bench_tiny_runs_on_cpu(shape):
+    p = subprocess.run(["bash", "bench/gpu.sh", "--tiny", "--steps", "2", "--setups", "baseline,ftk", *shape], cwd=ROOT,
                        capture_output=True, text=True, env=ENV)
     assert p.returncode == 0, p.stderr[-3000:]
+    assert f"batch {shape[1] if shape else 4} x {shape[3] if shape else 512}" in p.stdout, p.stdout
     lines = {ln.split()[0]: ln for ln in p.stdout.splitlines() if ln.startswith(("baseline", "ftk"))}
     assert set(lines) == {"baseline", "ftk"}, p.stdout + p.stderr[-2000:]
     assert all("useful tok/s" in ln and "ERROR" not in ln for ln in lines.values())
