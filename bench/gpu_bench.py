@@ -6,7 +6,8 @@ peak GPU memory for each, with the card's name, and the ratio measured in the sa
 
 On a GPU, ftk's default ("auto") is gradient checkpointing plus torch.compile of the decoder layers;
 the variants measure the levers one at a time: ftk-eager (no compile), ftk-nogc (no checkpointing),
-ftk-nogc-eager (neither), ftk-offload (model.activation_offloading).
+ftk-nogc-eager (neither), ftk-offload (model.activation_offloading), ftk-torchdq (the compiled layers'
+4-bit matmuls in torch ops: model.quantization.dequantize "torch").
 
 Long context: `--batch 1 --length 32768` trains one packed 32,768-token row per step; `--cap-gib 24` limits
 each setup's process to 24 GiB of the card (torch.cuda.set_per_process_memory_fraction), so a run that
@@ -205,7 +206,10 @@ def setup_ftk(shape, steps, device, overrides=()):
         precision = model_mod.resolve_precision("auto")
         cdtype = torch.bfloat16 if precision == "bf16" else (torch.float16 if precision == "fp16" else torch.float32)
         model = build_random_4bit(shape, device, cdtype)
-        model = model_mod.prepare_for_training(model, recipe, mgr, kbit=True)
+        ctx, _ = model_mod.model_context(recipe, mgr, model.config)
+        _, qplan = model_mod.quantization_plan(recipe, mgr, ctx)
+        model_mod.apply_after_load(model, qplan)  # the quantizer's fix-ups, as from_pretrained loading gets them
+        model = model_mod.prepare_for_training(model, recipe, mgr, kbit=True, ctx=ctx)
         if device == "cuda":
             torch.cuda.reset_peak_memory_stats()
         m = train_mod.train(model, tok, prepared, recipe, mgr, str(Path(tmp) / "run"), resume=None)
@@ -265,7 +269,8 @@ SETUPS = {"baseline": setup_baseline, "ftk": setup_ftk,
           "ftk-nogc": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False)]),
           "ftk-nogc-eager": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False),
                                                                     ("training.compile", False)]),
-          "ftk-offload": functools.partial(setup_ftk, overrides=[("model.activation_offloading", True)])}
+          "ftk-offload": functools.partial(setup_ftk, overrides=[("model.activation_offloading", True)]),
+          "ftk-torchdq": functools.partial(setup_ftk, overrides=[("model.quantization.dequantize", "torch")])}
 
 
 def main():

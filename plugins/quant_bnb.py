@@ -4,6 +4,8 @@
 A quantizer only plans: it returns the ``from_pretrained`` keyword arguments. torch, transformers and
 bitsandbytes are imported inside the factory so listing plugins stays instant.
 """
+import functools
+
 from ftk.hookspecs import hookimpl
 
 # bitsandbytes quantizes 4-bit weights in blocks of 64 values along each row.
@@ -30,6 +32,11 @@ _FOUR_BIT = {
         "nested": {"type": "boolean", "default": True, "description": "Double quantization of the constants."},
         "compute_dtype": {"enum": ["auto", "float32", "bfloat16", "float16"], "default": "auto",
                           "description": "dtype of the de-quantized matmul; auto follows training.precision."},
+        "dequantize": {"enum": ["bitsandbytes", "torch"], "default": "bitsandbytes",
+                       "description": "How layers compiled by training.compile dequantize a 4-bit weight for "
+                                      "its matmul: bitsandbytes' op, which the compiler cannot see into, or the "
+                                      "same arithmetic in torch ops (bit-identical), which it fuses into the "
+                                      "layer's graph. Eager code always runs bitsandbytes' op."},
         **_SKIP,
     },
 }
@@ -109,6 +116,16 @@ def keep_trainable_layout(model) -> list[str]:
     return notes
 
 
+def _after_load(dequantize: str, model) -> list[str]:
+    notes = keep_trainable_layout(model)
+    if dequantize == "torch":
+        from . import bnb_dequant  # this package's own module, as a third-party plugin would
+
+        n = bnb_dequant.install(model)
+        notes.append(f"{n} 4-bit layer(s) dequantize in torch ops when compiled (model.quantization.dequantize)")
+    return notes
+
+
 def _collapse(names: list[str]) -> list[str]:
     """Per-layer names -> their shared suffix when every layer has the same problem (shorter notes)."""
     suffixes = {n.rsplit(".", 1)[-1] for n in names}
@@ -139,6 +156,10 @@ def plan(options, ctx, *, method: str):
         notes.append(f"left unquantized by model.quantization.skip_modules: {', '.join(extra)}")
     skip = sorted(set(defaults) | set(skipped) | set(extra))
     if four_bit:
+        compiled = ctx.recipe["training"].get("compile", "auto")
+        if options["dequantize"] == "torch" and (compiled is False or (compiled == "auto" and not torch.cuda.is_available())):
+            raise FtkError("model.quantization.dequantize: \"torch\" applies to compiled layers only, and "
+                           "training.compile is off here; set training.compile to true or remove the option")
         cdt = options["compute_dtype"]
         if cdt == "auto":
             prec = ctx.recipe["training"]["precision"]
@@ -163,7 +184,7 @@ def plan(options, ctx, *, method: str):
                                  llm_int8_skip_modules=skip)
         notes.insert(0, "int8 (LLM.int8())")
     return QuantizationPlan(from_pretrained_kwargs={"quantization_config": cfg}, notes=notes, kbit=True,
-                            after_load=keep_trainable_layout if four_bit else None,
+                            after_load=functools.partial(_after_load, options["dequantize"]) if four_bit else None,
                             bytes_per_weight=FOUR_BIT_BYTES[bool(options["nested"])] if four_bit else 1.0,
                             replicated_bytes_per_weight=(FOUR_BIT_BYTES[bool(options["nested"])] - 0.5) if four_bit
                             else None,
