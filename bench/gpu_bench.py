@@ -9,7 +9,8 @@ the variants measure the levers one at a time: ftk-eager (no compile), ftk-nogc 
 ftk-nogc-eager (neither), ftk-offload (model.activation_offloading), ftk-torchdq (the compiled layers'
 4-bit matmuls in torch ops: model.quantization.dequantize "torch").
 
-Long context: `--batch 1 --length 32768` trains one packed 32,768-token row per step; `--cap-gib 24` limits
+Long context: `--batch 1 --length 32768` trains one sequence of ~32,700 tokens per step (the Alpaca texts
+joined into one document per row, for every setup); `--cap-gib 24` limits
 each setup's process to 24 GiB of the card (torch.cuda.set_per_process_memory_fraction), so a run that
 does not fit a 24 GiB card stops with "out of memory" instead of using the H200's 141 GiB.
 
@@ -48,6 +49,14 @@ def data_paths():
     if carried:
         return Path(carried) / "stories260K", Path(carried) / "alpaca_sample.json"
     return common.TOKENIZER_DIR, common.ALPACA
+
+
+def long_texts(tok, rows: list[dict]) -> list[str]:
+    """Long context: the Alpaca texts joined and cut into texts of a little under LENGTH tokens, so a
+    row is one sequence (a single causal attention, as a long document gives), not packed examples."""
+    ids = [t for p, r in map(common.alpaca_text, rows) for t in tok(p + r + tok.eos_token)["input_ids"]]
+    size = LENGTH - 64  # room for the BOS and the template's few tokens
+    return [tok.decode(ids[i:i + size]) for i in range(0, len(ids) - size, size)]
 
 
 def build_random_4bit(shape: dict, device: str, compute_dtype, quant_type="nf4", nested=True):
@@ -190,10 +199,19 @@ def setup_ftk(shape, steps, device, overrides=()):
     mgr = get_manager()
     mgr.register(Timing(), name="bench-timing")
     with tempfile.TemporaryDirectory() as tmp:
+        dataset = {"loader": "alpaca", "path": str(alpaca)}
+        if LENGTH > 512:
+            from transformers import AutoTokenizer
+
+            docs = Path(tmp) / "long.jsonl"
+            docs.write_text("".join(json.dumps({"text": t}) + "\n" for t in long_texts(
+                AutoTokenizer.from_pretrained(tok_dir), json.loads(Path(alpaca).read_text()))))
+            dataset = {"loader": "custom", "path": str(docs), "fields": {"instruction": "text", "output": "text",
+                                                                          "input": None}, "template": "{output}"}
         recipe = load_recipe(data={
             "model": {"name": str(tok_dir), "quantization": {"method": "nf4", "nested": True}},
             "adapter": {"method": "lora", "r": 8, "alpha": 16, "target_modules": ["q_proj", "v_proj"]},
-            "data": {"datasets": [{"loader": "alpaca", "path": str(alpaca)}], "max_length": LENGTH,
+            "data": {"datasets": [dataset], "max_length": LENGTH,
                      "validation_size": 0, "cache": False},
             "training": {"max_steps": steps, "batch_size": BATCH, "gradient_accumulation_steps": 1,
                          "report_to": ["none"], "logging_steps": 1, "save_steps": None},
@@ -233,10 +251,7 @@ def setup_baseline(shape, steps, device):
     tok = AutoTokenizer.from_pretrained(tok_dir)
     tok.pad_token = tok.unk_token
     rows = json.loads(Path(alpaca).read_text())
-    texts = [p + r + tok.eos_token for p, r in map(common.alpaca_text, rows)]
-    if LENGTH > 512:  # long context: the examples joined into one LENGTH-token text per row (no padding)
-        ids = [t for text in texts for t in tok(text)["input_ids"]]
-        texts = [tok.decode(ids[i:i + LENGTH]) for i in range(0, len(ids) - LENGTH, LENGTH)]
+    texts = long_texts(tok, rows) if LENGTH > 512 else [p + r + tok.eos_token for p, r in map(common.alpaca_text, rows)]
     texts = texts[: steps * BATCH + 8]
     enc = tok(texts, max_length=LENGTH, truncation=True, padding="max_length")
     enc["labels"] = [[t if a else -100 for t, a in zip(i, am)] for i, am in zip(enc["input_ids"], enc["attention_mask"])]
