@@ -63,7 +63,10 @@ class _ChunkedHead:
     def __call__(self, hidden):
         self.loss = chunked_causal_lm_loss(hidden, self.forward, self.labels, chunk_tokens=self.chunk_tokens,
                                            num_items_in_batch=self.num_items_in_batch, shifted=self.shifted)
-        return hidden[..., :0]
+        # no logits, but an (empty) output that depends on the loss: causal_lm_loss_chunked adds it to the
+        # loss, so the backward pass reaches the chunks' recomputation only through the model's output,
+        # where a wrapper that hooks it (FSDP: all-gather the sharded output layer) has run first
+        return hidden[..., :0] + self.loss * 0
 
 
 def output_layer(model):
@@ -93,9 +96,9 @@ def causal_lm_loss_chunked(trainer, model, inputs, return_outputs=False, num_ite
         outputs = model(**inputs)
     finally:
         del head.forward
-    loss = chunked.loss
-    if loss is None:
+    if chunked.loss is None:
         raise RuntimeError(f"the model's forward did not call its output layer {type(head).__name__}")
+    loss = chunked.loss + outputs["logits"].sum()  # + 0, through the model's output (see _ChunkedHead)
     if trainer.args.average_tokens_across_devices and num_items_in_batch is not None:
         loss = loss * trainer.accelerator.num_processes
     if return_outputs:

@@ -8,7 +8,6 @@ batch's logits never exist (docs/training.md, "Memory")."""
 import functools
 
 from ftk.components import TrainerPlan
-from ftk.errors import FtkError
 from ftk.hookspecs import hookimpl
 
 SCHEMA = {
@@ -18,8 +17,8 @@ SCHEMA = {
             "enum": ["auto", True, False], "default": "auto",
             "description": "Compute the cross-entropy without materializing the batch's logits: chunk_tokens "
                            "labelled positions at a time, each chunk's logits recomputed in the backward pass. "
-                           "Same loss and gradients as the plain loss. auto: on, except under FSDP sharding "
-                           "(whose output layer is gathered only inside the model's forward)."},
+                           "Same loss and gradients as the plain loss. auto and true: on (also under FSDP "
+                           "sharding); false: transformers' loss."},
         "chunk_tokens": {"type": "integer", "minimum": 1, "default": 1024,
                          "description": "Positions per chunk of the chunked loss (logits alive at a time)."},
     },
@@ -28,14 +27,7 @@ SCHEMA = {
 
 
 def plan_sft(options, ctx) -> TrainerPlan:
-    sharded = ctx.recipe["distributed"]["strategy"] == "fsdp"
-    chunked = options["chunked_loss"]
-    if chunked is True and sharded:
-        raise FtkError("trainer.chunked_loss: true does not work with distributed.strategy fsdp (the sharded output "
-                       "layer is gathered only inside the model's forward); use \"auto\" or false")
-    if chunked == "auto":
-        chunked = not sharded
-    if not chunked:
+    if options["chunked_loss"] is False:
         return TrainerPlan(data="rows")
     from ftk.losses import causal_lm_loss_chunked
 

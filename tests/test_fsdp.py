@@ -256,7 +256,8 @@ def test_quantizer_packs_for_sharding_and_refuses_what_cannot_shard(fresh_manage
 
     def plan(method, sharding, precision="bf16", **options):
         comp = fresh_manager.get("quantizer", method)
-        opts = {"nested": True, "compute_dtype": "auto", "skip_modules": [], "on_incompatible": "skip", **options}
+        opts = {"nested": True, "compute_dtype": "auto", "dequantize": "bitsandbytes", "skip_modules": [],
+                "on_incompatible": "skip", **options}
         if method == "int8":
             opts = {"threshold": 6.0, "skip_modules": [], "on_incompatible": "skip"}
         return comp.factory(opts, ModelContext(model_config=cfg, recipe={"training": {"precision": precision}},

@@ -141,6 +141,37 @@ def test_the_output_layer_is_restored():
     assert out.logits.shape == (3, 40, 512)
 
 
+def test_the_backward_pass_reaches_the_chunks_through_the_models_output(monkeypatch):
+    """What FSDP needs: it hooks the model's outputs to gather the sharded output layer before backward, so
+    the chunks' recomputation must come after the output's gradient (tests/test_fsdp.py runs it sharded)."""
+    from ftk import losses
+
+    model, order = _lora_model(), []
+    real_chunk, real_forward = losses._chunk_sum, model.forward
+    monkeypatch.setattr(losses, "_chunk_sum", lambda *a: order.append("chunk") or real_chunk(*a))
+
+    def forward(*a, **k):
+        out = real_forward(*a, **k)
+        out.logits.register_hook(lambda g: order.append("output"))
+        return out
+    monkeypatch.setattr(model, "forward", forward)
+    loss = losses.causal_lm_loss_chunked(_Trainer(), model, _batch(True), chunk_tokens=7)
+    chunks = order.count("chunk")
+    order.clear()
+    loss.backward()
+    assert chunks > 1 and order == ["output"] + ["chunk"] * chunks, order
+
+
+def test_on_by_default_also_under_fsdp(fresh_manager):
+    from ftk.components import ModelContext
+    from ftk.recipe import filled_recipe
+
+    recipe = filled_recipe({"model": {"name": str(MODEL_DIR)}, "distributed": {"strategy": "fsdp"}}, fresh_manager)
+    plan = fresh_manager.get("trainer", "sft").factory(recipe["trainer"] | {"chunked_loss": "auto"},
+                                                        ModelContext(None, recipe))
+    assert plan.compute_loss is not None and plan.logits_positions == 1024
+
+
 def test_recipe_runs_train_the_same_with_and_without_it(tmp_path, fresh_manager, monkeypatch):
     """The sft trainer's default (chunked) and chunked_loss: false log the same losses, step for step."""
     from ftk import losses
