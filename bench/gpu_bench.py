@@ -336,26 +336,39 @@ def main():
     card = torch.cuda.get_device_name(0) if device == "cuda" else "CPU (tiny shape)"
     print(f"device: {card}; shape: {'tiny' if a.tiny else 'LLaMA-7B'}; {steps} steps of batch {BATCH} x {LENGTH}"
           + (f"; memory capped at {a.cap_gib} GiB" if a.cap_gib else ""), flush=True)
+    # MFU: model FLOPs per useful token (4N for LoRA on a frozen base, no recompute counted) plus causal
+    # attention over the row (forward 2hL per layer, backward twice that), against the card's measured
+    # bf16 matmul peak (taken before the setups run, in this process)
+    flops_tok = common.train_flops_per_token(shape) + 6 * shape["hidden_size"] * LENGTH * shape["num_hidden_layers"]
+    cuda = device == "cuda"  # --tiny: the CPU's fp32 peak, so the same code runs (the figure means little)
+    peak = common.matmul_peak_flops("bfloat16" if cuda else "float32", n=8192 if cuda else 512)
+    if cuda:
+        torch.cuda.empty_cache()  # the probe's matrices: the setups run in their own processes
+    print(f"{'bf16' if cuda else 'fp32'} matmul peak {peak / 1e12:.3g} TFLOP/s (measured); model FLOPs per "
+          f"token {flops_tok / 1e9:.3g} G", flush=True)
     results: list[dict] = []
     for name in a.setups.split(","):  # each line printed (and saved) as soon as its run ends
         r = common.run_setup(Path(__file__), name, extra)
+        if "tokens_per_s" in r:
+            r["mfu"] = r["tokens_per_s"] * flops_tok / peak
         results.append(r)
         base = next((x for x in results if x["setup"] == "baseline" and "tokens_per_s" in x), None)
         if "error" in r:
             print(f"{r['setup']:<14} ERROR {r['error'][-1500:]}", flush=True)
         else:
             ratio = r["tokens_per_s"] / base["tokens_per_s"] if base else float("nan")
-            peak = r["peak_gpu_bytes"] if r["peak_gpu_bytes"] is not None else r["peak_rss_bytes"]
+            mem = r["peak_gpu_bytes"] if r["peak_gpu_bytes"] is not None else r["peak_rss_bytes"]
             print(f"{r['setup']:<14} useful tok/s {r['tokens_per_s']:10.0f}  x{ratio:5.2f} vs baseline  "
-                  f"peak {'GPU' if r['peak_gpu_bytes'] is not None else 'RSS'} {peak / 2**30:6.2f} GiB "
+                  f"peak {'GPU' if r['peak_gpu_bytes'] is not None else 'RSS'} {mem / 2**30:6.2f} GiB "
                   f"(first step {(r.get('peak_first_step_gpu_bytes') or 0) / 2**30:.2f})  "
                   f"loss {r['final_loss']}  {r['precision']}  grad-ckpt {r['gradient_checkpointing']}  "
                   f"offload {r.get('activation_offloading', False)}  "
+                  + (f"MFU {100 * r['mfu']:.1f}%  " if "mfu" in r else "") +
                   f"compiled layers {r.get('compiled_layers', 0)} graph breaks {r.get('graph_breaks', 0)}", flush=True)
             if r.get("saved_for_backward"):
                 print(f"{'':<14} saved for backward in one step (parameters excluded): {r['saved_for_backward']}")
         if a.out:
-            Path(a.out).write_text(json.dumps({"device": card, "results": results}, indent=2))
+            Path(a.out).write_text(json.dumps({"device": card, "bf16_peak_flops": peak, "results": results}, indent=2))
 
 if __name__ == "__main__":
     main()
