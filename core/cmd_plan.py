@@ -30,7 +30,8 @@ def parse_size(text: str) -> int:
 @click.option("--nproc", type=click.IntRange(min=1), default=None,
               help="Processes the run will have, all nodes together (default: this launch's WORLD_SIZE, else 1).")
 @click.option("--device-memory", default=None, metavar="SIZE",
-              help="Memory of one GPU (or one process's share of RAM), e.g. 24GiB: say whether the run fits.")
+              help="Memory of one GPU (or one process's share of RAM), e.g. 24GiB: say whether the run fits, and "
+                   "the longest data.max_length that would.")
 def plan(recipe, overrides, as_json, no_data, device, nproc, device_memory):
     """Parameter counts, trainable share, and a peak-memory estimate per process split into weights, LoRA,
     optimizer state, gradients, activations and logits, from the model config alone; plus data size and
@@ -49,8 +50,5 @@ def plan(recipe, overrides, as_json, no_data, device, nproc, device_memory):
     errors = recipe_errors(r)
     if errors:
         raise FtkError(errors)
-    p = make_plan(r, mgr, with_data=not no_data, device=device, processes=nproc)
-    if memory is not None:
-        p["device_memory"] = memory
-        p["fits"] = None if p["bytes"]["total"] is None else p["bytes"]["total"] <= memory
+    p = make_plan(r, mgr, with_data=not no_data, device=device, processes=nproc, device_memory=memory)
     click.echo(json.dumps(p, indent=2, default=str) if as_json else format_plan(p))

@@ -273,8 +273,31 @@ def _int(v):
     return None if v is None else int(v)
 
 
+LENGTH_STEP = 256  # longest_max_length answers in multiples of this many tokens
+
+
+def longest_max_length(config, recipe: dict, memory: int, cuda: bool, manager=None, processes: int = 1,
+                       limit: int = 1 << 21) -> int | None:
+    """The longest ``data.max_length`` (a multiple of LENGTH_STEP, at most ``limit``) whose estimated peak,
+    all else as in ``recipe``, fits in ``memory`` bytes per process; 0 when not even LENGTH_STEP fits, None
+    when the estimate is unknown. The estimate grows with the length, so a binary search finds it."""
+    def total(length: int):
+        r = copy.deepcopy(dict(recipe))
+        r.setdefault("data", {})["max_length"] = length
+        return estimate_memory(config, r, cuda=cuda, manager=manager, processes=processes)["bytes"]["total"]
+
+    lo, hi = 0, limit // LENGTH_STEP  # lo steps fit (0: nothing known to fit); hi + 1 steps do not
+    while lo < hi:
+        mid = (lo + hi + 1) // 2
+        need = total(mid * LENGTH_STEP)
+        if need is None:
+            return None
+        lo, hi = (mid, hi) if need <= memory else (lo, mid - 1)
+    return lo * LENGTH_STEP
+
+
 def plan(recipe: dict, manager, with_data: bool = True, device: str | None = None,
-         processes: int | None = None) -> dict:
+         processes: int | None = None, device_memory: int | None = None) -> dict:
     """``device`` ("cuda" or "cpu"; default: this machine's) and ``processes`` (default: this launch's
     WORLD_SIZE) describe the run planned for, which need not be on this machine."""
     from transformers import AutoConfig
@@ -293,6 +316,10 @@ def plan(recipe: dict, manager, with_data: bool = True, device: str | None = Non
     concrete = copy.deepcopy(dict(recipe))  # "auto" precision as the planned machine would run it
     concrete.setdefault("training", {})["precision"] = resolve_precision(recipe["training"]["precision"], cuda)
     out = estimate_memory(cfg, concrete, cuda=cuda, manager=manager, processes=processes)
+    if device_memory is not None:
+        out["device_memory"] = device_memory
+        out["fits"] = None if out["bytes"]["total"] is None else out["bytes"]["total"] <= device_memory
+        out["longest_max_length"] = longest_max_length(cfg, concrete, device_memory, cuda, manager, processes)
     if with_data:
         from ftk import data as data_mod
         from ftk import model as model_mod
@@ -348,6 +375,10 @@ def format_plan(p: dict) -> str:
                                                                   else f"no, {human(need - have)} short")
                      + (" (the CUDA context and allocator slack, about 1 GiB, are not included)" if a["device"] == "cuda"
                         else ""))
+        longest = p.get("longest_max_length")
+        if longest is not None:
+            lines.append(f"  longest data.max_length that fits, all else as planned: "
+                         + (f"{longest:,} tokens" if longest else f"none (not even {LENGTH_STEP} tokens)"))
     lines.extend(f"  {u}" for u in p.get("unknown") or [])
     if "data" in p:
         d = p["data"]

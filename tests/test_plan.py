@@ -3,6 +3,7 @@ peak memory of a real training run on the CPU (within 25%)."""
 from __future__ import annotations
 
 import json
+import re
 import subprocess
 import sys
 import textwrap
@@ -176,13 +177,37 @@ def test_plan_for_another_machine(tmp_path):
     assert a["gradient_checkpointing"] and two["bytes"]["checkpoint_pages"] == 0
     training = sum(v for k, v in two["bytes"].items() if k not in ("loading", "total", "offloaded_to_host"))
     assert training < 24 * GB < two["bytes"]["loading"] == two["bytes"]["total"] and two["fits"] is False
+    assert two["longest_max_length"] == 0  # loading the whole 4-bit model does not fit at any length
     text = plan("--device", "cuda", "--nproc", "8", "--device-memory", "80GB")
     assert "per process, 8 cuda processes (fsdp" in text and "fits in 74.51 GiB per process: yes" in text
+    longest = int(re.search(r"longest data.max_length that fits, all else as planned: ([\d,]+) tokens",
+                            text).group(1).replace(",", ""))
+    assert longest > 512 and longest % 256 == 0
     ddp = plan("--device", "cuda", "--nproc", "8", "--set", "distributed.strategy=ddp")
     assert "every process holds the whole model" in ddp and "unsharded_units" not in ddp
     bad = subprocess.run([sys.executable, "-m", "ftk", "plan", str(tmp_path / "r.json"), "--no-data",
                           "--device-memory", "lots"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "expected a size such as 24GiB" in bad.stderr
+
+
+def test_longest_context_that_fits():
+    """The longest max_length whose estimate fits 24 GiB: 256 tokens more does not fit; activation
+    offloading (the checkpointed layer inputs in host memory) makes it longer."""
+    from ftk.plan import longest_max_length
+
+    r = seed_recipe(True)
+    r["training"]["batch_size"] = 1
+
+    def total(length, **model):
+        rr = {**r, "model": {**r["model"], **model}, "data": {**r["data"], "max_length": length}}
+        return estimate_memory(LLAMA_7B, rr, cuda=True)["bytes"]["total"]
+
+    plain = longest_max_length(LLAMA_7B, r, 24 * GB, cuda=True)
+    assert total(plain) <= 24 * GB < total(plain + 256) and plain > 8192
+    offloaded = longest_max_length(LLAMA_7B, {**r, "model": {**r["model"], "activation_offloading": True}},
+                                   24 * GB, cuda=True)
+    assert offloaded > plain and total(offloaded, activation_offloading=True) <= 24 * GB
+    assert longest_max_length(LLAMA_7B, r, 1 * GB, cuda=True) == 0  # the 4-bit weights alone are larger
 
 
 def test_the_chunked_loss_is_planned_as_one_chunk_of_logits():
