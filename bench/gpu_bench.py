@@ -7,7 +7,8 @@ peak GPU memory for each, with the card's name, and the ratio measured in the sa
 On a GPU, ftk's default ("auto") is gradient checkpointing plus torch.compile of the decoder layers;
 the variants measure the levers one at a time: ftk-eager (no compile), ftk-nogc (no checkpointing),
 ftk-nogc-eager (neither), ftk-offload (model.activation_offloading), ftk-torchdq (the compiled layers'
-4-bit matmuls in torch ops: model.quantization.dequantize "torch").
+4-bit matmuls in torch ops: model.quantization.dequantize "torch"), ftk-tiled (activation offloading and
+model.tiled_mlp, the long-context levers together).
 
 Long context: `--batch 1 --length 32768` trains one sequence of ~32,700 tokens per step (the Alpaca texts
 joined into one document per row, for every setup); `--cap-gib 24` limits
@@ -285,7 +286,9 @@ SETUPS = {"baseline": setup_baseline, "ftk": setup_ftk,
           "ftk-nogc-eager": functools.partial(setup_ftk, overrides=[("model.gradient_checkpointing", False),
                                                                     ("training.compile", False)]),
           "ftk-offload": functools.partial(setup_ftk, overrides=[("model.activation_offloading", True)]),
-          "ftk-torchdq": functools.partial(setup_ftk, overrides=[("model.quantization.dequantize", "torch")])}
+          "ftk-torchdq": functools.partial(setup_ftk, overrides=[("model.quantization.dequantize", "torch")]),
+          "ftk-tiled": functools.partial(setup_ftk, overrides=[("model.activation_offloading", True),
+                                                               ("model.tiled_mlp", True)])}
 
 
 def main():

@@ -1,4 +1,4 @@
-"""Peak memory of one training step with and without ftk's chunked cross-entropy.
+"""Peak memory of one training step with and without ftk's chunked cross-entropy (and its tiled MLP).
 
     python bench/loss_memory.py [--batch 4] [--seq 2048] [--vocab 32000] [--precision auto]
 
@@ -8,6 +8,7 @@ worst case: supervised runs mask their prompts, which the chunked loss then skip
 runs in its own process so its peak resident memory (ru_maxrss) is its own:
   plain    transformers' loss: the model computes all logits, upcasts them, CE over them
   chunked  ftk.losses (the sft trainer's default): 1,024 labelled positions of logits at a time
+  tiled    chunked, and model.tiled_mlp: each MLP hidden_size positions at a time (ftk.tiled_mlp)
 Prints peak RSS, the step's own increase over the RSS before it, the step time, the loss of both
 (they must agree: same computation) and the ratios.
 """
@@ -46,6 +47,10 @@ def run(setup: str, batch: int, seq: int, vocab: int, precision: str) -> dict:
     model = model.to(torch.bfloat16 if bf16 else torch.float32)
     model = get_peft_model(model, LoraConfig(r=8, lora_alpha=16, target_modules=["q_proj", "v_proj"], lora_dropout=0.05))
     model.train()
+    if setup == "tiled":
+        from ftk import tiled_mlp
+
+        tiled_mlp.apply(model)
     g = torch.Generator().manual_seed(1)
     ids = torch.randint(3, vocab, (batch, seq), generator=g)
     inputs = {"input_ids": ids, "labels": ids.clone(), "attention_mask": torch.ones_like(ids)}
@@ -58,7 +63,7 @@ def run(setup: str, batch: int, seq: int, vocab: int, precision: str) -> dict:
 
     before = _rss_now()
     t = time.perf_counter()
-    if setup == "chunked":
+    if setup in ("chunked", "tiled"):
         loss = causal_lm_loss_chunked(Trainer(), model, inputs)
     else:
         loss = model(**inputs).loss
@@ -101,6 +106,11 @@ def main() -> None:
         print(f"chunked / plain: peak RSS {c['peak_rss'] / p['peak_rss']:.2f}, step's own memory "
               f"{c['step_rss'] / p['step_rss']:.2f}, time {c['seconds'] / p['seconds']:.2f}; "
               f"loss difference {abs(c['loss'] - p['loss']):.2e}")
+    if {"chunked", "tiled"} <= by.keys():
+        c, t = by["chunked"], by["tiled"]
+        print(f"tiled / chunked: peak RSS {t['peak_rss'] / c['peak_rss']:.2f}, step's own memory "
+              f"{t['step_rss'] / c['step_rss']:.2f}, time {t['seconds'] / c['seconds']:.2f}; "
+              f"loss difference {abs(t['loss'] - c['loss']):.2e}")
     if a.out:
         Path(a.out).write_text(json.dumps({"machine": common.machine(), "results": results}, indent=2))
 

@@ -127,6 +127,7 @@ class ModelConfig:
     attn_implementation: str = _default("model.attn_implementation")
     gradient_checkpointing: bool | str = _default("model.gradient_checkpointing")  # auto: on with a CUDA GPU
     activation_offloading: bool = _default("model.activation_offloading")  # a CUDA GPU only
+    tiled_mlp: bool = _default("model.tiled_mlp")  # long context: MLP intermediates a tile at a time
 
     def __post_init__(self):
         self._given = {k for k in ("nested", "compute_dtype") if getattr(self, k) is not UNSET}

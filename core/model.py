@@ -83,6 +83,10 @@ def activation_offloading_on(recipe: dict) -> bool:
                                                  schema_default("model.activation_offloading")))
 
 
+def tiled_mlp_on(recipe: dict) -> bool:
+    return bool((recipe.get("model") or {}).get("tiled_mlp", schema_default("model.tiled_mlp")))
+
+
 def _check_offloading(on: bool) -> None:
     import torch
 
@@ -285,6 +289,10 @@ def prepare_for_training(model, recipe: dict, manager, kbit: bool, ctx=None):
         ctx, _ = model_context(recipe, manager, model.config)
     gc = gradient_checkpointing_on(recipe)
     gc_kwargs = {"use_reentrant": False}
+    if tiled_mlp_on(recipe):
+        from ftk import tiled_mlp
+
+        tiled_mlp.apply(model)
     if kbit:
         from peft import prepare_model_for_kbit_training
 
@@ -346,6 +354,7 @@ def load_model(recipe: dict, manager, tokenizer):
         "adapter": amethod,
         "gradient_checkpointing": gc,
         "activation_offloading": activation_offloading_on(recipe),
+        "tiled_mlp": tiled_mlp_on(recipe),
         "attention": str(getattr(model.config, "_attn_implementation", None) or m["attn_implementation"]),
         "dtype": str(next(model.parameters()).dtype).replace("torch.", ""),
         "device": str(next(model.parameters()).device),

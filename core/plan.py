@@ -18,7 +18,7 @@ import copy
 import math
 from dataclasses import dataclass
 
-from ftk.model import activation_offloading_on, gradient_checkpointing_on
+from ftk.model import activation_offloading_on, gradient_checkpointing_on, tiled_mlp_on
 
 GB = 1024**3
 _DTYPE_BYTES = {"float32": 4, "fp32": 4, "bfloat16": 2, "bf16": 2, "float16": 2, "fp16": 2}
@@ -209,6 +209,7 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         # two RMSNorms keep ~3 fp32 vectors each (input upcast, normalised, scaled); rotary keeps q, k and
         # their rotated halves; attention its q, k, v and output; the MLP four intermediate-size tensors
         per_layer_tok = 4 * (3 * h) * 2 + d * (h + 2 * (h + kv) + (h + 2 * kv + h) + h + h + 4 * i)
+        mlp_tok = d * 4 * i
     else:
         # bf16 autocast with frozen bf16 weights (ftk's default on GPUs) keeps less: each RMSNorm one fp32
         # copy of its input; attention q, k, v and output; the MLP gate, up and SiLU(gate) (a frozen
@@ -216,6 +217,11 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         # layer for LLaMA-7B with LoRA r=8 on q/v against 151 KB measured (H200, eager; saved-tensor tally
         # of bench/gpu_bench.py).
         per_layer_tok = 2 * 4 * h + d * (2 * h + 2 * kv) + 3 * d * i
+        mlp_tok = 3 * d * i
+    if tiled_mlp_on(recipe):
+        # the MLP keeps its tiles' inputs instead of its intermediates (one tile's exist at a time: a
+        # tile of hidden_size positions per row, small next to the rest)
+        per_layer_tok += d * h - mlp_tok
     per_layer_tok += sizes["adapter_activations"]
     ckpt = gradient_checkpointing_on(recipe, cuda)
     # saved tensors, plus one layer's worth of their gradients in flight during backward (with
@@ -255,7 +261,7 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
         "trainable_share": None if lora_params is None else lora_params / max(1, params),
         "bytes": {k: _int(v) for k, v in parts.items()},
         "assumptions": {"tokens_per_micro_batch": tokens, "compute_bytes": d, "gradient_checkpointing": ckpt,
-                        "activation_offloading": offload,
+                        "activation_offloading": offload, "tiled_mlp": tiled_mlp_on(recipe),
                         "quantized_linear_parameters": _int(quantized), "sequences_per_example": seqs,
                         "reference_sequences_per_example": ref_seqs,
                         "logits_positions": method.logits_positions, "device": "cuda" if cuda else "cpu",

@@ -192,7 +192,7 @@ def test_plan_for_another_machine(tmp_path):
 
 def test_longest_context_that_fits():
     """The longest max_length whose estimate fits 24 GiB: 256 tokens more does not fit; activation
-    offloading (the checkpointed layer inputs in host memory) makes it longer."""
+    offloading (the checkpointed layer inputs in host memory) and the tiled MLP make it longer."""
     from ftk.plan import longest_max_length
 
     r = seed_recipe(True)
@@ -207,6 +207,8 @@ def test_longest_context_that_fits():
     offloaded = longest_max_length(LLAMA_7B, {**r, "model": {**r["model"], "activation_offloading": True}},
                                    24 * GB, cuda=True)
     assert offloaded > plain and total(offloaded, activation_offloading=True) <= 24 * GB
+    tiled = longest_max_length(LLAMA_7B, {**r, "model": {**r["model"], "tiled_mlp": True}}, 24 * GB, cuda=True)
+    assert tiled > plain and total(tiled, tiled_mlp=True) <= 24 * GB  # the MLP's intermediates not kept
     assert longest_max_length(LLAMA_7B, r, 1 * GB, cuda=True) == 0  # the 4-bit weights alone are larger
 
 
