@@ -302,6 +302,31 @@ def longest_max_length(config, recipe: dict, memory: int, cuda: bool, manager=No
     return lo * LENGTH_STEP
 
 
+# the memory levers ftk plan tries on a run that does not fit, in this order
+LEVERS = ("model.gradient_checkpointing", "model.tiled_mlp", "model.activation_offloading")
+
+
+def memory_levers(config, recipe: dict, memory: int, cuda: bool, manager=None, processes: int = 1) -> list[dict]:
+    """Each memory lever ``recipe`` leaves off (activation offloading only on GPUs), alone and then all
+    together: ``{"set": {key: true, ...}, "total": bytes or None, "fits": bool or None}``."""
+    def on(key: str) -> bool:
+        section, name = key.split(".")
+        if name == "gradient_checkpointing":
+            return gradient_checkpointing_on(recipe, cuda)
+        return bool((recipe.get(section) or {}).get(name, False))
+
+    off = [k for k in LEVERS if not on(k) and (cuda or k != "model.activation_offloading")]
+    out = []
+    for combo in [[k] for k in off] + ([off] if len(off) > 1 else []):
+        r = copy.deepcopy(dict(recipe))
+        for key in combo:
+            section, name = key.split(".")
+            r.setdefault(section, {})[name] = True
+        total = estimate_memory(config, r, cuda=cuda, manager=manager, processes=processes)["bytes"]["total"]
+        out.append({"set": {k: True for k in combo}, "total": total, "fits": None if total is None else total <= memory})
+    return out
+
+
 def plan(recipe: dict, manager, with_data: bool = True, device: str | None = None,
          processes: int | None = None, device_memory: int | None = None) -> dict:
     """``device`` ("cuda" or "cpu"; default: this machine's) and ``processes`` (default: this launch's
@@ -326,6 +351,8 @@ def plan(recipe: dict, manager, with_data: bool = True, device: str | None = Non
         out["device_memory"] = device_memory
         out["fits"] = None if out["bytes"]["total"] is None else out["bytes"]["total"] <= device_memory
         out["longest_max_length"] = longest_max_length(cfg, concrete, device_memory, cuda, manager, processes)
+        if out["fits"] is False:
+            out["memory_levers"] = memory_levers(cfg, concrete, device_memory, cuda, manager, processes)
     if with_data:
         from ftk import data as data_mod
         from ftk import model as model_mod
@@ -381,6 +408,10 @@ def format_plan(p: dict) -> str:
                                                                   else f"no, {human(need - have)} short")
                      + (" (the CUDA context and allocator slack, about 1 GiB, are not included)" if a["device"] == "cuda"
                         else ""))
+        for lever in p.get("memory_levers") or []:
+            lines.append(f"    with {', '.join(f'{k}=true' for k in lever['set'])}: "
+                         + ("unknown" if lever["total"] is None else
+                            f"{human(lever['total'])}, " + ("fits" if lever["fits"] else "does not fit")))
         longest = p.get("longest_max_length")
         if longest is not None:
             lines.append(f"  longest data.max_length that fits, all else as planned: "

@@ -185,6 +185,13 @@ def test_plan_for_another_machine(tmp_path):
     assert longest > 512 and longest % 256 == 0
     ddp = plan("--device", "cuda", "--nproc", "8", "--set", "distributed.strategy=ddp")
     assert "every process holds the whole model" in ddp and "unsharded_units" not in ddp
+    # a run that does not fit gets the memory levers it leaves off, each with its estimate
+    long = plan("--device", "cuda", "--device-memory", "80GB", "--set", "distributed.strategy=ddp",
+                "--set", "data.max_length=65536")
+    assert "fits in 74.51 GiB per process: no" in long
+    assert re.search(r"with model\.tiled_mlp=true: [\d.]+ GiB, does not fit", long), long
+    assert re.search(r"with model\.tiled_mlp=true, model\.activation_offloading=true: [\d.]+ GiB, fits", long), long
+    assert "with model.gradient_checkpointing" not in long  # on already: auto on a GPU
     bad = subprocess.run([sys.executable, "-m", "ftk", "plan", str(tmp_path / "r.json"), "--no-data",
                           "--device-memory", "lots"], capture_output=True, text=True, cwd=ROOT)
     assert bad.returncode == 2 and "expected a size such as 24GiB" in bad.stderr
