@@ -64,11 +64,15 @@ def resolve_precision(requested: str, cuda: bool | None = None) -> str:
     return requested
 
 
+def _model_option(recipe: dict, name: str):
+    """model.NAME of a (possibly partial) recipe, or its schema default."""
+    return (recipe.get("model") or {}).get(name, schema_default(f"model.{name}"))
+
+
 def gradient_checkpointing_on(recipe: dict, cuda: bool | None = None) -> bool:
     """model.gradient_checkpointing resolved: "auto" is on when training on a CUDA GPU, where memory is
     what limits QLoRA, and off on the CPU, where RAM is plentiful and compute is not."""
-    value = (recipe.get("model") or {}).get("gradient_checkpointing",
-                                                schema_default("model.gradient_checkpointing"))
+    value = _model_option(recipe, "gradient_checkpointing")
     if value != "auto":
         return bool(value)
     if cuda is None:
@@ -79,12 +83,11 @@ def gradient_checkpointing_on(recipe: dict, cuda: bool | None = None) -> bool:
 
 
 def activation_offloading_on(recipe: dict) -> bool:
-    return bool((recipe.get("model") or {}).get("activation_offloading",
-                                                 schema_default("model.activation_offloading")))
+    return bool(_model_option(recipe, "activation_offloading"))
 
 
 def tiled_mlp_on(recipe: dict) -> bool:
-    return bool((recipe.get("model") or {}).get("tiled_mlp", schema_default("model.tiled_mlp")))
+    return bool(_model_option(recipe, "tiled_mlp"))
 
 
 def _check_offloading(on: bool) -> None:

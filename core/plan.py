@@ -279,6 +279,15 @@ def _int(v):
     return None if v is None else int(v)
 
 
+def _total_with(config, recipe: dict, settings: dict, cuda: bool, manager, processes: int):
+    """The estimated total of ``recipe`` with ``settings`` ({"section.key": value}) changed."""
+    r = copy.deepcopy(dict(recipe))
+    for key, value in settings.items():
+        section, name = key.split(".")
+        r.setdefault(section, {})[name] = value
+    return estimate_memory(config, r, cuda=cuda, manager=manager, processes=processes)["bytes"]["total"]
+
+
 LENGTH_STEP = 256  # longest_max_length answers in multiples of this many tokens
 
 
@@ -288,9 +297,7 @@ def longest_max_length(config, recipe: dict, memory: int, cuda: bool, manager=No
     all else as in ``recipe``, fits in ``memory`` bytes per process; 0 when not even LENGTH_STEP fits, None
     when the estimate is unknown. The estimate grows with the length, so a binary search finds it."""
     def total(length: int):
-        r = copy.deepcopy(dict(recipe))
-        r.setdefault("data", {})["max_length"] = length
-        return estimate_memory(config, r, cuda=cuda, manager=manager, processes=processes)["bytes"]["total"]
+        return _total_with(config, recipe, {"data.max_length": length}, cuda, manager, processes)
 
     lo, hi = 0, limit // LENGTH_STEP  # lo steps fit (0: nothing known to fit); hi + 1 steps do not
     while lo < hi:
@@ -309,21 +316,15 @@ LEVERS = ("model.gradient_checkpointing", "model.tiled_mlp", "model.activation_o
 def memory_levers(config, recipe: dict, memory: int, cuda: bool, manager=None, processes: int = 1) -> list[dict]:
     """Each memory lever ``recipe`` leaves off (activation offloading only on GPUs), alone and then all
     together: ``{"set": {key: true, ...}, "total": bytes or None, "fits": bool or None}``."""
-    def on(key: str) -> bool:
-        section, name = key.split(".")
-        if name == "gradient_checkpointing":
-            return gradient_checkpointing_on(recipe, cuda)
-        return bool((recipe.get(section) or {}).get(name, False))
-
-    off = [k for k in LEVERS if not on(k) and (cuda or k != "model.activation_offloading")]
+    skip = {"model.gradient_checkpointing": gradient_checkpointing_on(recipe, cuda),
+            "model.tiled_mlp": tiled_mlp_on(recipe),
+            "model.activation_offloading": activation_offloading_on(recipe) or not cuda}  # on already, or no GPU
+    off = [k for k in LEVERS if not skip[k]]
     out = []
     for combo in [[k] for k in off] + ([off] if len(off) > 1 else []):
-        r = copy.deepcopy(dict(recipe))
-        for key in combo:
-            section, name = key.split(".")
-            r.setdefault(section, {})[name] = True
-        total = estimate_memory(config, r, cuda=cuda, manager=manager, processes=processes)["bytes"]["total"]
-        out.append({"set": {k: True for k in combo}, "total": total, "fits": None if total is None else total <= memory})
+        total = _total_with(config, recipe, dict.fromkeys(combo, True), cuda, manager, processes)
+        out.append({"set": dict.fromkeys(combo, True), "total": total,
+                    "fits": None if total is None else total <= memory})
     return out
 
 

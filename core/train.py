@@ -515,7 +515,8 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     from ftk import distributed
     from ftk import model as model_mod
 
-    model_mod._check_offloading(model_mod.activation_offloading_on(recipe))  # a model load_model did not build
+    offload = model_mod.activation_offloading_on(recipe)
+    model_mod._check_offloading(offload)  # also for a model load_model did not build
     out = Path(output_dir)
     if _is_main():
         out.mkdir(parents=True, exist_ok=True)
@@ -569,7 +570,7 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     if plan.compute_loss is not None:
         trainer.ftk_compute_loss = plan.compute_loss
     trainer.ftk_strategy = strategy
-    trainer.ftk_offload = model_mod.activation_offloading_on(recipe)
+    trainer.ftk_offload = offload
     guard.params = [(n, p) for n, p in model.named_parameters() if p.requires_grad]  # sharding replaced them
     if _is_main():
         for note in plan.notes:

@@ -14,6 +14,7 @@ Chosen by the nf4/fp4 option ``dequantize``; installed by the quantizer's ``afte
 from __future__ import annotations
 
 import functools
+import math
 
 import torch  # imported only by the quantizer's after_load, when torch is loaded already
 
@@ -31,10 +32,7 @@ def dequantize(packed, absmax, code, blocksize: int, shape: tuple, dtype, absmax
     p = packed.reshape(-1)
     if p.dtype != torch.uint8:  # packed in another storage dtype for sharding
         p = p.view(torch.uint8)
-    n = 1
-    for s in shape:
-        n *= s
-    values = code[torch.stack((p >> 4, p & 0xF), -1).reshape(-1).long()][:n]
+    values = code[torch.stack((p >> 4, p & 0xF), -1).reshape(-1).long()][:math.prod(shape)]
     return (values.view(-1, blocksize) * absmax.view(-1, 1)).reshape(shape).to(dtype)
 
 
