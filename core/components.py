@@ -170,6 +170,9 @@ class ModelContext:
     # how the loaded model will be sharded across processes (since 0.1.0); None: it will not be (one
     # process, or DDP, where every process holds the whole model)
     sharding: Sharding | None = None
+    # whether training will torch.compile the decoder layers (training.compile resolved for the machine
+    # the run trains on; since 0.1.0)
+    compiled: bool = False
 
 
 @dataclass(frozen=True)

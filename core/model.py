@@ -6,7 +6,7 @@ import copy
 import os
 from pathlib import Path
 
-from ftk.defaults import schema_default
+from ftk.defaults import schema_default, section
 from ftk.errors import FtkError
 
 PRECISIONS = ("bf16", "fp16", "fp32")
@@ -167,17 +167,32 @@ def _check_attn(impl: str) -> None:
                            "package; use \"sdpa\"")
 
 
+def compile_on(recipe: dict, cuda: bool | None = None) -> bool:
+    """training.compile resolved: "auto" is on when training on a CUDA GPU with Triton for the kernels.
+    ``cuda``: for CUDA GPUs (True) or this CPU (False) instead of this machine; CUDA builds of torch
+    that are not this machine's are assumed to bring Triton, as they do."""
+    value = section(recipe, "training")["compile"]
+    if value != "auto":
+        return bool(value)
+    import importlib.util
+
+    import torch
+
+    here = torch.cuda.is_available()
+    cuda = here if cuda is None else cuda
+    return cuda and (not here or importlib.util.find_spec("triton") is not None)
+
+
 def attention_implementation(recipe: dict, cuda: bool | None = None) -> str:
     """The attention transformers loads the model with: model.attn_implementation with ``auto`` resolved
     (ftk.attention.resolve); ftk's ``sdpa_packed`` is registered with transformers when chosen."""
     from ftk import attention
-    from ftk.train import compile_on
 
     if cuda is None:
         import torch
 
         cuda = torch.cuda.is_available()
-    impl = attention.resolve(recipe["model"]["attn_implementation"], cuda, compile_on(recipe))
+    impl = attention.resolve(recipe["model"]["attn_implementation"], cuda, compile_on(recipe, cuda))
     if impl == attention.NAME:
         attention.register()
     return impl
@@ -252,7 +267,8 @@ def model_context(recipe: dict, manager, config=None, cuda: bool | None = None, 
     ctx_recipe.setdefault("training", {})["precision"] = precision
     ctx = ModelContext(model_config=config, recipe=ctx_recipe,
                        targets_for=lambda preset: manager.adapter_targets(config.model_type, preset),
-                       sharding=sharding(recipe, precision, cuda, processes))
+                       sharding=sharding(recipe, precision, cuda, processes),
+                       compiled=compile_on(recipe, cuda))
     return ctx, precision
 
 

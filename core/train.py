@@ -439,18 +439,6 @@ def _attention(model) -> str:
     return str(getattr(getattr(base, "config", None), "_attn_implementation", None) or "")
 
 
-def compile_on(recipe: dict) -> bool:
-    """training.compile resolved: "auto" is on when training on a CUDA GPU with Triton for the kernels."""
-    value = section(recipe, "training")["compile"]
-    if value != "auto":
-        return bool(value)
-    import importlib.util
-
-    import torch
-
-    return torch.cuda.is_available() and importlib.util.find_spec("triton") is not None
-
-
 def compile_layers(model) -> list:
     """torch.compile every decoder layer (transformers' GradientCheckpointingLayer) in place; returns the
     layers. Per-layer graphs are shared by identical layers and avoid the graph breaks of a whole-model
@@ -551,6 +539,8 @@ def train(model, tokenizer, prepared, recipe: dict, manager, output_dir: str, re
     # rows come with ftk's collator; a trainer of another data form brings its own (PreparedData.collator
     # then batches the validation rows for perplexity, not what the trainer trains on)
     collator = prepared.collator if plan.data == "rows" else None
+    from ftk.model import compile_on
+
     compiling = compile_on(recipe)
     if compiling and collator is not None and d["packing"] and not collator.pad_to:
         # packed rows are nearly full: padding them to max_length costs little and gives every batch

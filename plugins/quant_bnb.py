@@ -156,8 +156,7 @@ def plan(options, ctx, *, method: str):
         notes.append(f"left unquantized by model.quantization.skip_modules: {', '.join(extra)}")
     skip = sorted(set(defaults) | set(skipped) | set(extra))
     if four_bit:
-        compiled = ctx.recipe["training"].get("compile", "auto")
-        if options["dequantize"] == "torch" and (compiled is False or (compiled == "auto" and not torch.cuda.is_available())):
+        if options["dequantize"] == "torch" and not ctx.compiled:
             raise FtkError("model.quantization.dequantize: \"torch\" applies to compiled layers only, and "
                            "training.compile is off here; set training.compile to true or remove the option")
         cdt = options["compute_dtype"]

@@ -129,3 +129,16 @@ def test_refused_when_nothing_is_compiled(tmp_path, fresh_manager):
     r = recipe(tmp_path / "out", "torch", compile_=False)
     with pytest.raises(FtkError, match="model.quantization.dequantize"):
         M.load_model(r, fresh_manager, M.load_tokenizer(r))
+
+
+def test_allowed_where_auto_compiles(tmp_path, fresh_manager):
+    """The quantizer reads ModelContext.compiled, training.compile resolved for the machine the run
+    trains on: "auto" compiles on a CUDA GPU (ftk plan --device cuda), not on this CPU."""
+    r = recipe(tmp_path / "out", "torch", compile_="auto")
+    config = M._load_config(r["model"])
+    gpu, _ = M.model_context(r, fresh_manager, config, cuda=True)
+    cpu, _ = M.model_context(r, fresh_manager, config, cuda=False)
+    assert (gpu.compiled, cpu.compiled) == (True, False)
+    M.quantization_plan(r, fresh_manager, gpu)  # no error
+    with pytest.raises(FtkError, match="model.quantization.dequantize"):
+        M.quantization_plan(r, fresh_manager, cpu)

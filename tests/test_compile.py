@@ -49,8 +49,12 @@ def test_auto_means_gpu_only():
     assert not M.gradient_checkpointing_on({"model": {"gradient_checkpointing": "auto"}}, cuda=False)
     assert M.gradient_checkpointing_on({"model": {"gradient_checkpointing": True}}, cuda=False)
     assert not M.gradient_checkpointing_on({"model": {"gradient_checkpointing": False}}, cuda=True)
-    assert T.compile_on({"training": {"compile": "auto"}}) == torch.cuda.is_available()
-    assert T.compile_on({"training": {"compile": True}}) and not T.compile_on({"training": {"compile": False}})
+    assert M.compile_on({"training": {"compile": "auto"}}) == torch.cuda.is_available()
+    assert M.compile_on({"training": {"compile": True}}) and not M.compile_on({"training": {"compile": False}})
+    # ftk plan --device: "auto" resolved for the machine the run trains on, not this one
+    assert M.compile_on({"training": {"compile": "auto"}}, cuda=True)
+    assert not M.compile_on({"training": {"compile": "auto"}}, cuda=False)
+
 
 
 def test_compiled_layers_match_eager_and_keep_checkpointing(tmp_path, fresh_manager, monkeypatch):
