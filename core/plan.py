@@ -240,8 +240,10 @@ def estimate_memory(config, recipe: dict, cuda: bool = False, manager=None, proc
     live = tokens if method.logits_positions is None else min(tokens, method.logits_positions)
     logits = live * s.vocab * 4 * 3
     # a no-grad pass (the reference) while the graph is kept: one layer's tensors at a time, fp32 logits
+    # (of every position, or of one chunk of them as the loss takes them)
     ref_tokens = int(recipe["training"]["batch_size"]) * int(recipe["data"]["max_length"]) * ref_seqs
-    reference = ref_tokens * (per_layer_tok + s.vocab * 4)
+    ref_live = ref_tokens if method.logits_positions is None else min(ref_tokens, method.logits_positions)
+    reference = ref_tokens * per_layer_tok + ref_live * s.vocab * 4
     # On the CPU the checkpoint is memory-mapped and its pages stay resident after loading; a GPU
     # run reads it through host memory that the GPU figure does not include.
     ckpt_bytes = 0 if cuda else (linear + emb + norms) * _DTYPE_BYTES.get(

@@ -84,6 +84,9 @@ KTO_SCHEMA = {"type": "object", "properties": {
 _TRL = {"dpo": ("trl.trainer.dpo_trainer", "DPOTrainer", "DPOConfig", 2, 2),
         "orpo": ("trl.experimental.orpo.orpo_trainer", "ORPOTrainer", "ORPOConfig", 2, 0),
         "kto": ("trl.trainer.kto_trainer", "KTOTrainer", "KTOConfig", 1, 1)}
+# the positions TRL's fused LM head (DPO, KTO) projects at once: trl.trainer.utils._CHUNKED_LOGPROB_CHUNK_SIZE
+# (a test keeps the two equal; ftk plan must not import TRL)
+FUSED_HEAD_POSITIONS = 32768
 _CONFIGS = {"dpo": "trl.trainer.dpo_config", "orpo": "trl.experimental.orpo.orpo_config",
             "kto": "trl.trainer.kto_config"}
 
@@ -439,7 +442,8 @@ def _plan(method: str, options: dict, ctx, fields: dict, notes: list[str]) -> Tr
     padding_free = bool(options.get("padding_free"))  # orpo has no such option: always padded
     return TrainerPlan(data="pairs", trainer_class=lambda base: trainer_class(method, base, padding_free),
                        training_arguments=lambda args: trl_config(method, args, **fields),
-                       sequences_per_example=seqs, reference_sequences_per_example=ref_seqs, notes=notes)
+                       sequences_per_example=seqs, reference_sequences_per_example=ref_seqs, notes=notes,
+                       logits_positions=None if method == "orpo" else FUSED_HEAD_POSITIONS)
 
 
 def _batches(options) -> str:

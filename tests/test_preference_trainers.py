@@ -222,6 +222,32 @@ def test_plan_counts_both_responses_and_the_reference_pass():
     assert "reference_pass" not in format_plan(est["sft"])
 
 
+def test_plan_counts_the_fused_heads_chunk_of_logits():
+    """DPO and KTO score through TRL's fused LM head, which projects at most its chunk of positions at once:
+    at long context `ftk plan` counts that chunk's logits, for the policy and the reference pass; ORPO
+    reads the whole logits."""
+    from trl.trainer.utils import _CHUNKED_LOGPROB_CHUNK_SIZE
+
+    from ftk.manager import FtkPluginManager
+    from ftk.plan import estimate_memory
+    from ftk.plugins.trainer_preference import FUSED_HEAD_POSITIONS
+
+    assert FUSED_HEAD_POSITIONS == _CHUNKED_LOGPROB_CHUNK_SIZE  # ftk plan does not import TRL
+    cfg = {"vocab_size": 32000, "hidden_size": 4096, "intermediate_size": 11008, "num_hidden_layers": 32,
+           "num_attention_heads": 32, "num_key_value_heads": 32}
+    mgr = FtkPluginManager()
+    est = {m: estimate_memory(cfg, {"model": {"quantization": {"method": "nf4"}}, "trainer": {"method": m},
+                                    "data": {"max_length": 16384}, "training": {"batch_size": 2, "precision": "bf16"}},
+                              cuda=True, manager=mgr) for m in ("dpo", "orpo", "kto")}
+    per_position = 32000 * 4
+    assert est["dpo"]["assumptions"]["logits_positions"] == FUSED_HEAD_POSITIONS
+    # 2 x 16,384 tokens x 2 responses = 65,536 positions a micro-batch
+    assert est["dpo"]["bytes"]["logits"] == FUSED_HEAD_POSITIONS * per_position * 3
+    assert est["orpo"]["bytes"]["logits"] == 65536 * per_position * 3
+    ref_layers = est["kto"]["bytes"]["reference_pass"] - 32768 * per_position  # KTO: one sequence, all of it
+    assert est["dpo"]["bytes"]["reference_pass"] == 2 * ref_layers + FUSED_HEAD_POSITIONS * per_position
+
+
 def test_kto_rows_mix_labels_and_mismatch_the_kl_pairs():
     from ftk.plugins.trainer_preference import kto_rows
 
