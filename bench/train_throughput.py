@@ -110,11 +110,12 @@ def setup_trl(model_dir: Path, rows: list[dict], heldout: list[dict]) -> dict:
 
 
 def ftk_recipe(model_dir: Path, data_file: Path, out: Path, model: dict | None = None, trainer: dict | None = None,
-               **training) -> dict:
+               adapter: dict | None = None, **training) -> dict:
     return {
         "model": {"name": str(model_dir), "quantization": {"method": "nf4", "nested": True}, **(model or {})},
         "trainer": {"method": "sft", **(trainer or {})},
-        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"]},
+        "adapter": {"method": "lora", "r": 8, "alpha": 16, "dropout": 0.05, "target_modules": ["q_proj", "v_proj"],
+                    **(adapter or {})},
         "data": {"datasets": [{"loader": "alpaca", "path": str(data_file)}], "validation_size": 0,
                  "max_length": MAXLEN, "train_on_inputs": True, "cache": False},
         "training": {"epochs": 1, "batch_size": BATCH, "gradient_accumulation_steps": ACCUM, "learning_rate": LR,
@@ -125,7 +126,7 @@ def ftk_recipe(model_dir: Path, data_file: Path, out: Path, model: dict | None =
 
 
 def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], model: dict | None = None,
-              trainer: dict | None = None, **training) -> dict:
+              trainer: dict | None = None, adapter: dict | None = None, **training) -> dict:
     """ftk's default path (packing, precision auto, its collator and Trainer set-up), via its public API."""
     from ftk import data as data_mod
     from ftk import model as model_mod
@@ -137,7 +138,7 @@ def setup_ftk(model_dir: Path, rows: list[dict], heldout: list[dict], model: dic
         f = Path(tmp) / "alpaca.json"
         f.write_text(json.dumps(rows))
         mgr = get_manager()
-        recipe = load_recipe(data=ftk_recipe(model_dir, f, Path(tmp) / "run", model, trainer, **training), manager=mgr)
+        recipe = load_recipe(data=ftk_recipe(model_dir, f, Path(tmp) / "run", model, trainer, adapter, **training), manager=mgr)
         tok = model_mod.load_tokenizer(recipe)
         prepared = data_mod.prepare_data(recipe, tok, mgr)
         useful = sum(sum(1 for _ in row["input_ids"]) for row in prepared.train)
@@ -156,7 +157,8 @@ SETUPS = {"baseline": setup_baseline, "trl": setup_trl, "ftk": setup_ftk,
           # ftk's default with one lever turned back, to measure that lever alone
           "ftk-eager": functools.partial(setup_ftk, model={"attn_implementation": "eager"}),
           "ftk-sdpa": functools.partial(setup_ftk, model={"attn_implementation": "sdpa"}),
-          "ftk-plainloss": functools.partial(setup_ftk, trainer={"chunked_loss": False})}
+          "ftk-plainloss": functools.partial(setup_ftk, trainer={"chunked_loss": False}),
+          "ftk-torchdropout": functools.partial(setup_ftk, adapter={"dropout_rng": "torch"})}
 
 
 def main() -> None:

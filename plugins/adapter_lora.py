@@ -10,6 +10,12 @@ SCHEMA = {
         "r": {"type": "integer", "minimum": 1, "default": 8},
         "alpha": {"type": "number", "exclusiveMinimum": 0, "default": 16},
         "dropout": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.05},
+        "dropout_rng": {"enum": ["auto", "torch"], "default": "auto",
+                        "description": "Where the dropout masks' random bits come from. auto: training on the "
+                                       "CPU, numpy's SFC64 generator seeded from torch's (the same Bernoulli "
+                                       "masks and scaling as torch's dropout, different random numbers, ~4x "
+                                       "faster: torch samples CPU masks on one thread); elsewhere torch's. "
+                                       "torch: torch's dropout everywhere."},
         "target_modules": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
                                      {"enum": ["default", "all-linear"]}],
                            "default": ["q_proj", "v_proj"],
@@ -85,6 +91,10 @@ def apply(model, options, ctx):
                      use_dora=bool(options["use_dora"]),
                      modules_to_save=options.get("modules_to_save") or None, task_type="CAUSAL_LM")
     model = get_peft_model(model, cfg)
+    if options["dropout_rng"] == "auto" and cfg.lora_dropout > 0:
+        from . import lora_dropout  # this package's own module, as a third-party plugin would
+
+        lora_dropout.install(model)
     if cfg.use_dora:
         keep_int8_scales(model)
     return model
