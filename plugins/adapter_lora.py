@@ -11,11 +11,11 @@ SCHEMA = {
         "alpha": {"type": "number", "exclusiveMinimum": 0, "default": 16},
         "dropout": {"type": "number", "minimum": 0, "maximum": 1, "default": 0.05},
         "dropout_rng": {"enum": ["auto", "torch"], "default": "auto",
-                        "description": "Where the dropout masks' random bits come from. auto: training on the "
-                                       "CPU, numpy's SFC64 generator seeded from torch's (the same Bernoulli "
-                                       "masks and scaling as torch's dropout, different random numbers, ~4x "
-                                       "faster: torch samples CPU masks on one thread); elsewhere torch's. "
-                                       "torch: torch's dropout everywhere."},
+                        "description": "Where the dropout masks' random bits come from. auto: training on a "
+                                       "CPU where torch samples masks on one thread (all but Intel's), numpy's "
+                                       "SFC64 generator seeded from torch's (the same Bernoulli masks and "
+                                       "scaling as torch's dropout, different random numbers, ~4x faster); "
+                                       "elsewhere torch's. torch: torch's dropout everywhere."},
         "target_modules": {"anyOf": [{"type": "array", "items": {"type": "string", "minLength": 1}, "minItems": 1},
                                      {"enum": ["default", "all-linear"]}],
                            "default": ["q_proj", "v_proj"],
@@ -94,7 +94,8 @@ def apply(model, options, ctx):
     if options["dropout_rng"] == "auto" and cfg.lora_dropout > 0:
         from . import lora_dropout  # this package's own module, as a third-party plugin would
 
-        lora_dropout.install(model)
+        if lora_dropout.torch_samples_serially():
+            lora_dropout.install(model)
     if cfg.use_dora:
         keep_int8_scales(model)
     return model
