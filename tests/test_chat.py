@@ -11,6 +11,7 @@ import os
 import pty
 import re
 import select
+import signal
 import sys
 import time
 
@@ -119,6 +120,9 @@ class Terminal:
         self.pid, self.fd = pty.fork()
         if self.pid == 0:  # the child: ftk with the terminal as stdin, stdout and stderr
             try:
+                # Ctrl-C as at a person's terminal, even where the tests were started in the background
+                # (a shell without job control starts background jobs with SIGINT ignored, and exec keeps that)
+                signal.signal(signal.SIGINT, signal.SIG_DFL)
                 os.execve(sys.executable, [sys.executable, "-m", "ftk", "chat", *map(str, args)], env)
             finally:
                 os._exit(127)
@@ -164,7 +168,15 @@ class Terminal:
                 rest += _CSI.sub("", data.decode("utf-8", "replace")).replace("\r", "")
                 if not data:
                     break
-        pid, status = os.waitpid(self.pid, 0)
+        pid, status = os.waitpid(self.pid, os.WNOHANG)
+        while pid == 0 and time.time() < deadline + 10:  # the screen closed as it exits: reap it
+            select.select([], [], [], 0.05)
+            pid, status = os.waitpid(self.pid, os.WNOHANG)
+        if pid == 0:  # still running: stop it rather than hang the suite
+            os.kill(self.pid, signal.SIGKILL)
+            os.waitpid(self.pid, 0)
+            os.close(self.fd)
+            raise AssertionError(f"ftk chat still running {timeout}s after the last key: {self.screen + rest!r}")
         os.close(self.fd)
         return os.waitstatus_to_exitcode(status), rest
 
