@@ -173,7 +173,8 @@ def _lora_spec_keywords(kw: dict) -> None:
         raise FtkError(f"LoRAConfig.task_type: ftk trains causal language models; {task!r} is not CAUSAL_LM")
 
 
-_ADAPTER_OPTIONS = ("r", "alpha", "dropout", "target_modules", "bias", "use_rslora", "use_dora", "modules_to_save")
+_ADAPTER_OPTIONS = ("r", "alpha", "dropout", "dropout_rng", "target_modules", "bias", "use_rslora", "use_dora",
+                    "modules_to_save")
 
 
 @_spellings({"lora_alpha": "alpha", "lora_dropout": "dropout"}, _lora_spec_keywords)
@@ -183,6 +184,7 @@ class LoRAConfig:
     r: int = UNSET
     alpha: float = UNSET
     dropout: float = UNSET
+    dropout_rng: str = UNSET
     target_modules: list[str] | str = UNSET
     bias: str = UNSET
     use_rslora: bool = UNSET
