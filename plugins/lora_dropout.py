@@ -36,7 +36,8 @@ class SampledDropout(torch.nn.Dropout):
 def keep_mask(shape, p: float) -> torch.Tensor:
     """A bool tensor of ``shape``, each element True with probability 1 - ``p`` (to 2**-32), independently."""
     n = int(np.prod(shape))
-    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64))  # torch's generator decides the stream
+    # torch's CPU generator decides the stream (also where a default device other than the CPU is set)
+    seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64, device="cpu"))
     raw = np.random.SFC64(seed).random_raw((n + 1) // 2)  # 64 uniform bits per draw: two 32-bit halves
     bits = torch.from_numpy(raw.view(np.int32)[:n]).view(shape)  # uniform over [-2**31, 2**31)
     return bits >= round(p * _BITS) - _BITS // 2
