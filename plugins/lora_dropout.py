@@ -24,7 +24,7 @@ _BITS = 2 ** 32
 
 
 class SampledDropout(torch.nn.Dropout):
-    """``nn.Dropout`` whose CPU training masks come from :func:`mask`; everything else is torch's."""
+    """``nn.Dropout`` whose CPU training masks come from :func:`keep_mask`; everything else is torch's."""
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         if (not self.training or self.p == 0 or self.p >= 1 or x.device.type != "cpu"
