@@ -173,6 +173,9 @@ class ModelContext:
     # whether training will torch.compile the decoder layers (training.compile resolved for the machine
     # the run trains on; since 0.1.0)
     compiled: bool = False
+    # this machine's CPU vendor id as /proc/cpuinfo names it ("GenuineIntel", "AuthenticAMD"; "" when
+    # unknown), for a component whose libraries take vendor-specific paths (since 0.1.0)
+    cpu_vendor: str = ""
 
 
 @dataclass(frozen=True)

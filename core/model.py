@@ -18,13 +18,16 @@ CPU_FEATURES = ("avx2", "avx512f", "avx512_bf16", "amx_bf16")
 
 
 def cpu_info() -> dict:
-    """{"model": the CPU's model name, "features": which of CPU_FEATURES it has} from /proc/cpuinfo."""
-    info: dict = {"model": None, "features": []}
+    """{"model": the CPU's model name, "vendor": its vendor id ("GenuineIntel", "AuthenticAMD", ...; None
+    when unknown), "features": which of CPU_FEATURES it has} from /proc/cpuinfo."""
+    info: dict = {"model": None, "vendor": None, "features": []}
     try:
         with open("/proc/cpuinfo", encoding="utf-8") as f:
             for line in f:
                 key, _, value = line.partition(":")
-                if key.strip() == "model name" and info["model"] is None:
+                if key.strip() == "vendor_id" and info["vendor"] is None:
+                    info["vendor"] = value.strip()
+                elif key.strip() == "model name" and info["model"] is None:
                     info["model"] = value.strip()
                 elif key.strip() == "flags":
                     flags = set(value.split())
@@ -268,7 +271,7 @@ def model_context(recipe: dict, manager, config=None, cuda: bool | None = None, 
     ctx = ModelContext(model_config=config, recipe=ctx_recipe,
                        targets_for=lambda preset: manager.adapter_targets(config.model_type, preset),
                        sharding=sharding(recipe, precision, cuda, processes),
-                       compiled=compile_on(recipe, cuda))
+                       compiled=compile_on(recipe, cuda), cpu_vendor=cpu_info()["vendor"] or "")
     return ctx, precision
 
 

@@ -94,7 +94,7 @@ def apply(model, options, ctx):
     if options["dropout_rng"] == "auto" and cfg.lora_dropout > 0:
         from . import lora_dropout  # this package's own module, as a third-party plugin would
 
-        if lora_dropout.torch_samples_serially():
+        if lora_dropout.torch_samples_serially(getattr(ctx, "cpu_vendor", "")):
             lora_dropout.install(model)
     if cfg.use_dora:
         keep_int8_scales(model)

@@ -13,8 +13,7 @@ with a threshold: 1.8 ms for the whole dropout. The masks have the same distribu
 """
 from __future__ import annotations
 
-import functools
-import platform
+import math
 
 import numpy as np
 import torch
@@ -35,7 +34,7 @@ class SampledDropout(torch.nn.Dropout):
 
 def keep_mask(shape, p: float) -> torch.Tensor:
     """A bool tensor of ``shape``, each element True with probability 1 - ``p`` (to 2**-32), independently."""
-    n = int(np.prod(shape))
+    n = math.prod(shape)
     # torch's CPU generator decides the stream (also where a default device other than the CPU is set)
     seed = int(torch.randint(0, 2 ** 63 - 1, (), dtype=torch.int64, device="cpu"))
     raw = np.random.SFC64(seed).random_raw((n + 1) // 2)  # 64 uniform bits per draw: two 32-bit halves
@@ -43,22 +42,11 @@ def keep_mask(shape, p: float) -> torch.Tensor:
     return bits >= round(p * _BITS) - _BITS // 2
 
 
-@functools.cache
-def torch_samples_serially() -> bool:
-    """Whether torch's CPU dropout samples its masks on one thread here: everywhere but Intel CPUs with an
-    MKL build of torch (aten's bernoulli_scalar_kernel takes MKL's sampler only on vendor Intel)."""
-    return not (torch.backends.mkl.is_available() and _cpu_vendor() == "GenuineIntel")
-
-
-def _cpu_vendor() -> str:
-    try:
-        with open("/proc/cpuinfo") as f:
-            for line in f:
-                if line.startswith("vendor_id"):
-                    return line.split(":", 1)[1].strip()
-    except OSError:
-        pass
-    return "GenuineIntel" if "intel" in platform.processor().lower() else ""
+def torch_samples_serially(cpu_vendor: str) -> bool:
+    """Whether torch's CPU dropout samples its masks on one thread on a CPU of ``cpu_vendor``
+    (``ModelContext.cpu_vendor``): everywhere but Intel CPUs with an MKL build of torch (aten's
+    bernoulli_scalar_kernel takes MKL's sampler only on vendor Intel)."""
+    return not (torch.backends.mkl.is_available() and cpu_vendor == "GenuineIntel")
 
 
 def install(model) -> int:

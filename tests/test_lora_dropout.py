@@ -84,7 +84,7 @@ def _lora_model(manager, **adapter):
 def test_installed_on_every_lora_layer_unless_asked_for_torchs(fresh_manager, monkeypatch):
     from ftk.plugins import lora_dropout
 
-    monkeypatch.setattr(lora_dropout, "torch_samples_serially", lambda: True)
+    monkeypatch.setattr(lora_dropout, "torch_samples_serially", lambda cpu_vendor: True)
     layers = M._load_config({"name": str(MODEL_DIR)}).num_hidden_layers
     drops = _lora_model(fresh_manager, dropout=0.1)
     assert len(drops) == 2 * layers and all(type(d) is SampledDropout and d.p == 0.1 for d in drops)
@@ -93,17 +93,15 @@ def test_installed_on_every_lora_layer_unless_asked_for_torchs(fresh_manager, mo
 
 
 def test_left_to_torch_where_torch_samples_in_parallel(fresh_manager, monkeypatch):
-    """On Intel CPUs torch's MKL build samples masks with MKL's parallel sampler: auto keeps torch's."""
+    """On Intel CPUs torch's MKL build samples masks with MKL's parallel sampler: auto keeps torch's. The
+    vendor comes from ftk's one reading of /proc/cpuinfo, through ModelContext.cpu_vendor."""
     from ftk.plugins import lora_dropout
 
-    lora_dropout.torch_samples_serially.cache_clear()
-    monkeypatch.setattr(lora_dropout, "_cpu_vendor", lambda: "GenuineIntel")
-    try:
-        assert lora_dropout.torch_samples_serially() == (not torch.backends.mkl.is_available())
-        if torch.backends.mkl.is_available():
-            assert all(type(d) is torch.nn.Dropout for d in _lora_model(fresh_manager, dropout=0.1))
-        monkeypatch.setattr(lora_dropout, "_cpu_vendor", lambda: "AuthenticAMD")
-        lora_dropout.torch_samples_serially.cache_clear()
-        assert lora_dropout.torch_samples_serially()
-    finally:
-        lora_dropout.torch_samples_serially.cache_clear()
+    mkl = torch.backends.mkl.is_available()
+    assert lora_dropout.torch_samples_serially("GenuineIntel") == (not mkl)
+    assert lora_dropout.torch_samples_serially("AuthenticAMD") and lora_dropout.torch_samples_serially("")
+    real = M.cpu_info()
+    assert real["vendor"] is None or real["vendor"] in open("/proc/cpuinfo").read()
+    monkeypatch.setattr(M, "cpu_info", lambda: {**real, "vendor": "GenuineIntel"})
+    want = torch.nn.Dropout if mkl else SampledDropout
+    assert all(type(d) is want for d in _lora_model(fresh_manager, dropout=0.1))
